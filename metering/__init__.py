@@ -1,0 +1,1 @@
+"""Metering: real-time token accounting in Redis (reserve, extend, settle, reap) and its ledger."""

@@ -1,0 +1,53 @@
+"""Redis key names. Every key of one user carries the hash tag `{u:<id>}`, so a script that
+touches one user's keys runs unchanged on Redis Cluster."""
+
+from dataclasses import dataclass
+
+PREFIX = "cg"
+LEDGER_PATTERN = f"{PREFIX}:{{u:*}}:ledger"
+LIVE_PATTERN = f"{PREFIX}:{{u:*}}:live"
+TOTALS_PATTERN = f"{PREFIX}:{{u:*}}:totals"
+
+
+@dataclass(frozen=True, slots=True)
+class UserKeys:
+    """The keys of one user."""
+
+    user_id: str
+
+    @property
+    def _base(self) -> str:
+        return f"{PREFIX}:{{u:{self.user_id}}}"
+
+    @property
+    def res(self) -> str:
+        return f"{self._base}:res"
+
+    @property
+    def live(self) -> str:
+        return f"{self._base}:live"
+
+    @property
+    def totals(self) -> str:
+        return f"{self._base}:totals"
+
+    @property
+    def ledger(self) -> str:
+        return f"{self._base}:ledger"
+
+    @property
+    def settled(self) -> str:
+        return f"{self._base}:settled"
+
+    def window(self, name: str) -> str:
+        return f"{self._base}:w:{name}"
+
+    def fixed(self) -> list[str]:
+        """The five keys every metering script takes first, in order."""
+        return [self.res, self.live, self.totals, self.ledger, self.settled]
+
+
+def user_of_key(key: str) -> str:
+    """The user id inside a key's hash tag."""
+    start = key.index("{u:") + 3
+    return key[start : key.index("}", start)]

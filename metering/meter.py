@@ -1,0 +1,271 @@
+"""The meter: reservations, leases and settlement in Redis, one round trip each.
+
+Every call runs one Lua script over one user's keys (one hash slot), so it is atomic and works
+on a single Redis or a Redis Cluster alike. Redis being unreachable surfaces as
+`MeterUnavailable`; what to do then is the caller's choice (the tier's fail mode).
+"""
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from metering.events import UsageEvent
+from metering.keys import LIVE_PATTERN, UserKeys, user_of_key
+from metering.windows import WindowSlot, slot_of
+from policies.schema import Tier, Window
+
+RedisClient = Redis | RedisCluster
+_HERE = Path(__file__).parent
+_LIB = (_HERE / "lib.lua").read_text()
+
+
+class MeterUnavailable(Exception):
+    """Redis could not be reached (or answered with an error) in time."""
+
+
+class CapExceeded(Exception):
+    """A window has no room for the request; `retry_after` is in whole seconds."""
+
+    def __init__(self, window: str, cap: int, used: int, retry_after: int) -> None:
+        super().__init__(f"token cap of window {window!r} reached ({used} of {cap} tokens used)")
+        self.window = window
+        self.cap = cap
+        self.used = used
+        self.retry_after = retry_after
+
+
+class ConcurrencyExceeded(Exception):
+    """The user already has as many requests in flight as their tier allows."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"at most {limit} concurrent requests allowed")
+        self.limit = limit
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveRequest:
+    """What to hold for one request. `fixed` is the counted prompt bound; the completion grant
+    is the most in [want_min, want_max] that every window has room for."""
+
+    request_id: str
+    user_id: str
+    tier_name: str
+    tier: Tier
+    model: str
+    fixed: int
+    want_min: int
+    want_max: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A hold in Redis. `left` is the room the windows had beyond it (-1: no window caps)."""
+
+    request_id: str
+    user_id: str
+    tier_name: str
+    tier: Tier
+    model: str
+    fixed: int
+    granted: int
+    left: int
+
+
+@dataclass(frozen=True, slots=True)
+class Extension:
+    """The answer to a lease extension: tokens granted (0: refused), room left, or gone."""
+
+    granted: int
+    left: int
+    gone: bool
+
+
+def _script(name: str) -> str:
+    return _LIB + "\n" + (_HERE / f"{name}.lua").read_text()
+
+
+def _window_args(slots: Sequence[WindowSlot]) -> list[int]:
+    args: list[int] = []
+    for slot in slots:
+        args += [slot.cap, slot.current, slot.lo, slot.ttl_s]
+    return args
+
+
+class Meter:
+    """Token accounting for all users over one Redis (or Redis Cluster) client."""
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        *,
+        lease_ttl_s: float = 120.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis
+        self.lease_ttl_s = lease_ttl_s
+        self.clock = clock
+        self._reserve = redis.register_script(_script("reserve"))
+        self._extend = redis.register_script(_script("extend"))
+        self._settle = redis.register_script(_script("settle"))
+        self._reap = redis.register_script(_script("reap"))
+
+    def _slots(self, windows: Sequence[Window], now: float) -> list[WindowSlot]:
+        return [slot_of(window, now) for window in windows]
+
+    async def _run(self, script, keys: list[str], args: list) -> object:  # type: ignore[no-untyped-def]
+        try:
+            return await script(keys=keys, args=args)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise MeterUnavailable(str(exc) or type(exc).__name__) from exc
+        except RedisError as exc:
+            if "NOSCRIPT" in str(exc) or "LOADING" in str(exc):
+                raise MeterUnavailable(str(exc)) from exc
+            raise
+
+    async def reserve(self, req: ReserveRequest) -> Reservation:
+        """Hold `req.fixed` plus a completion grant in every window, or raise why not."""
+        now = self.clock()
+        now_ms = int(now * 1000)
+        keys = UserKeys(req.user_id)
+        windows = req.tier.caps.windows
+        slots = self._slots(windows, now)
+        prices = req.tier.prices
+        record = {
+            "u": req.user_id,
+            "t": req.tier_name,
+            "m": req.model,
+            "rp": prices.prompt.nano_per_token if prices.prompt else 0,
+            "rc": prices.completion.nano_per_token if prices.completion else 0,
+            "cp": int(req.tier.counts("prompt")),
+            "cc": int(req.tier.counts("completion")),
+        }
+        reply = await self._run(
+            self._reserve,
+            keys.fixed() + [keys.window(s.name) for s in slots],
+            [
+                req.request_id,
+                now_ms,
+                now_ms + int(self.lease_ttl_s * 1000),
+                req.fixed,
+                req.want_min,
+                req.want_max,
+                req.tier.max_concurrent or 0,
+                json.dumps(record, separators=(",", ":")),
+                *_window_args(slots),
+            ],
+        )
+        assert isinstance(reply, list)
+        if reply[0] == 1:
+            return Reservation(
+                req.request_id,
+                req.user_id,
+                req.tier_name,
+                req.tier,
+                req.model,
+                req.fixed,
+                int(reply[1]),
+                int(reply[2]),
+            )
+        reason = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+        if reason == "concurrency":
+            raise ConcurrencyExceeded(req.tier.max_concurrent or 0)
+        slot = slots[int(reply[2]) - 1]
+        oldest = int(reply[4]) if reply[4] else None
+        raise CapExceeded(slot.name, slot.cap, int(reply[3]), slot.retry_after(now, oldest))
+
+    async def extend(
+        self,
+        reservation: Reservation,
+        *,
+        want_min: int,
+        want_max: int,
+        prompt_tokens: int,
+        completion_tokens: int,
+    ) -> Extension:
+        """Grant up to `want_max` more tokens (0 if fewer than `want_min` fit), record the usage
+        observed so far and refresh the lease. With `want_max` 0 it only records and refreshes."""
+        now = self.clock()
+        now_ms = int(now * 1000)
+        keys = UserKeys(reservation.user_id)
+        slots = self._slots(reservation.tier.caps.windows, now)
+        reply = await self._run(
+            self._extend,
+            [keys.res, keys.live] + [keys.window(s.name) for s in slots],
+            [
+                reservation.request_id,
+                now_ms,
+                now_ms + int(self.lease_ttl_s * 1000),
+                want_min,
+                want_max,
+                prompt_tokens,
+                completion_tokens,
+                *_window_args(slots),
+            ],
+        )
+        assert isinstance(reply, list)
+        granted, left = int(reply[0]), int(reply[1])
+        return Extension(max(granted, 0), left, granted < 0)
+
+    async def settle(self, event: UsageEvent, windows: Sequence[Window]) -> str:
+        """Charge `event` once: 'ok', 'late' (after a reap; the difference was added) or
+        'duplicate' (already settled: nothing changed)."""
+        now_ms = event.ts_ms
+        keys = UserKeys(event.user)
+        slots = self._slots(windows, now_ms / 1000)
+        fields = event.ledger_fields()
+        slot_args: list[int] = []
+        for slot in slots:
+            slot_args += [slot.current, slot.ttl_s]
+        reply = await self._run(
+            self._settle,
+            keys.fixed() + [keys.window(s.name) for s in slots],
+            [
+                event.request_id,
+                now_ms,
+                event.counted,
+                event.prompt_tokens,
+                event.cached_tokens,
+                event.completion_tokens,
+                event.value_nano,
+                event.tier,
+                len(fields) // 2,
+                *fields,
+                *slot_args,
+            ],
+        )
+        return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+    async def reap_user(self, user_id: str) -> int:
+        """Reap one user's expired reservations; the number reaped."""
+        keys = UserKeys(user_id)
+        reply = await self._run(self._reap, keys.fixed(), [int(self.clock() * 1000)])
+        return int(reply)  # type: ignore[arg-type]
+
+    async def reap_all(self) -> int:
+        """Reap every user's expired reservations (finds users by scanning their `live` keys)."""
+        now_ms = int(self.clock() * 1000)
+        reaped = 0
+        try:
+            async for key in self.redis.scan_iter(match=LIVE_PATTERN, count=500):
+                name = key.decode() if isinstance(key, bytes) else key
+                expired = await self.redis.zcount(name, "-inf", now_ms - 1)
+                if expired:
+                    reaped += await self.reap_user(user_of_key(name))
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise MeterUnavailable(str(exc)) from exc
+        return reaped
+
+    async def ping(self) -> None:
+        """Raise `MeterUnavailable` unless Redis answers."""
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError) as exc:
+            raise MeterUnavailable(str(exc) or type(exc).__name__) from exc

@@ -1,0 +1,124 @@
+"""A bounded, durable local spool of usage events that could not reach Redis.
+
+Each process appends to its own file (`<dir>/spool-<pid>-<id>.jsonl`), one JSON line per event,
+fsync'd before the append returns, and holds an exclusive lock on it while it lives. Replay
+takes every file it can lock: its own rotated files and those of dead processes. Settlement is
+idempotent by request id in Redis, so a line replayed twice is charged once.
+"""
+
+import fcntl
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from metering.events import UsageEvent
+from policies.schema import Window
+
+
+class SpoolFull(Exception):
+    """The spool reached its size bound; nothing more can be accepted without losing usage."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledSettlement:
+    """A settlement waiting for Redis: the event and the windows it counts against."""
+
+    event: UsageEvent
+    windows: tuple[Window, ...]
+
+    def to_line(self) -> bytes:
+        data = {
+            "event": json.loads(self.event.to_json()),
+            "windows": [w.model_dump() for w in self.windows],
+        }
+        return (json.dumps(data, separators=(",", ":")) + "\n").encode()
+
+    @classmethod
+    def from_line(cls, line: bytes) -> "SpooledSettlement":
+        data = json.loads(line)
+        return cls(
+            UsageEvent(**data["event"]),
+            tuple(Window.model_validate(w) for w in data["windows"]),
+        )
+
+
+class Spool:
+    """The local spool of one process."""
+
+    def __init__(self, directory: str | Path, max_bytes: int) -> None:
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = None
+        self._path: Path | None = None
+
+    def _open(self) -> int:
+        if self._fd is None:
+            self._path = self.directory / f"spool-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+            self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return self._fd
+
+    def size(self) -> int:
+        """Bytes spooled and not yet replayed, over all files in the directory."""
+        return sum(path.stat().st_size for path in self.directory.glob("spool-*"))
+
+    def append(self, item: SpooledSettlement) -> None:
+        """Write `item` durably, or raise `SpoolFull`."""
+        line = item.to_line()
+        if self.size() + len(line) > self.max_bytes:
+            raise SpoolFull(f"usage spool at {self.directory} is full ({self.max_bytes} bytes)")
+        fd = self._open()
+        os.write(fd, line)
+        os.fsync(fd)
+
+    def _rotate(self) -> None:
+        if self._fd is not None and self._path is not None:
+            self._path.rename(self._path.with_suffix(".ready"))
+            os.close(self._fd)
+            self._fd = None
+            self._path = None
+
+    @contextmanager
+    def claim(self) -> Iterator[list[Path]]:
+        """Rotate this process's file and yield every spool file no live process holds,
+        locked for the caller; files left empty by the caller are removed."""
+        self._rotate()
+        claimed: list[tuple[Path, int]] = []
+        for path in sorted(self.directory.glob("spool-*")):
+            fd = os.open(path, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            claimed.append((path, fd))
+        try:
+            yield [path for path, _ in claimed]
+        finally:
+            for path, fd in claimed:
+                if path.exists() and path.stat().st_size == 0:
+                    path.unlink()
+                os.close(fd)
+
+
+def read_items(path: Path) -> list[SpooledSettlement]:
+    """The settlements in a spool file; a torn last line (crash mid-write) is skipped."""
+    items = []
+    for line in path.read_bytes().splitlines():
+        try:
+            items.append(SpooledSettlement.from_line(line))
+        except ValueError:
+            continue
+    return items
+
+
+def rewrite(path: Path, items: list[SpooledSettlement]) -> None:
+    """Replace a claimed spool file's content with `items` (the ones not yet replayed)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(b"".join(item.to_line() for item in items))
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""Policies: the operator's offer (tiers, users, keys) as typed configuration, and pure logic on it."""

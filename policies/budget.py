@@ -1,0 +1,59 @@
+"""Cap arithmetic (pure): how much a request may reserve up front and generate at most."""
+
+from dataclasses import dataclass
+
+from policies.schema import Tier
+
+
+class PromptOverCap(ValueError):
+    """The prompt alone is over the tier's per-request cap."""
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetPlan:
+    """What to reserve for one request.
+
+    `fixed` is reserved for the prompt (its bound, when prompts count against caps). `ceiling`
+    is the most completion tokens the request may ever get, from the client's own limit, the
+    tier's per-request cap and the model's room. `first` is the completion allowance reserved
+    up front: all of `ceiling`, or one lease of it. `want_min` is the least grant worth serving.
+    When completions do not count against caps, nothing is reserved for them.
+    """
+
+    fixed: int
+    ceiling: int
+    first: int
+    want_min: int
+    leased: bool
+
+
+def plan_budget(
+    tier: Tier,
+    *,
+    prompt_bound: int,
+    asked: int | None,
+    room: int,
+    outputs: int,
+    streaming: bool,
+) -> BudgetPlan:
+    """Plan the reservation of a request with `outputs` sequences (n x prompts).
+
+    `asked` is the client's max_tokens (None when absent), `room` the model context left for a
+    completion. Leases apply to streams only: a non-streamed response cannot be cut mid-way.
+    """
+    fixed = prompt_bound if tier.counts("prompt") else 0
+    per_request = tier.caps.per_request
+    if per_request is not None and fixed > per_request:
+        raise PromptOverCap(
+            f"the prompt may use up to {prompt_bound} tokens, over the tier's per-request cap of "
+            f"{per_request}"
+        )
+    per_output = room if asked is None else min(asked, room)
+    ceiling = per_output * outputs
+    if per_request is not None and tier.counts("completion"):
+        ceiling = min(ceiling, per_request - fixed)
+    if not tier.counts("completion"):
+        return BudgetPlan(fixed, ceiling, 0, 0, False)
+    leased = streaming and tier.lease_tokens is not None and tier.lease_tokens < ceiling
+    first = min(tier.lease_tokens, ceiling) if leased and tier.lease_tokens else ceiling
+    return BudgetPlan(fixed, ceiling, first, min(outputs, first), leased)

@@ -1,0 +1,54 @@
+"""Who is calling: a validated policy indexed for per-request lookups (pure, no I/O)."""
+
+import hmac
+from dataclasses import dataclass
+
+from policies.keys import hash_key
+from policies.schema import Policy, Tier
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """A user as resolved from an API key: their id, tier name and tier."""
+
+    user_id: str
+    tier_name: str
+    tier: Tier
+
+
+class PolicyIndex:
+    """A policy with its key hashes indexed; immutable, so a reload swaps in a new index."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self._users: dict[str, Principal] = {}
+        self._keys: dict[str, tuple[str, Principal]] = {}
+        for user in policy.users:
+            tier_name = user.tier or policy.default_tier
+            assert tier_name is not None, "validated policies give every user a tier"
+            principal = Principal(user.id, tier_name, policy.tiers[tier_name])
+            self._users[user.id] = principal
+            for digest in user.keys:
+                self._keys[digest] = (digest, principal)
+        self._admin_keys = frozenset(policy.admin_keys)
+
+    def principal_for_key(self, key: str) -> Principal | None:
+        """The principal owning `key`, or None; only the key's digest is looked up."""
+        digest = hash_key(key)
+        entry = self._keys.get(digest)
+        if entry is None or not hmac.compare_digest(entry[0], digest):
+            return None
+        return entry[1]
+
+    def is_admin_key(self, key: str) -> bool:
+        """Whether `key` is one of the policy's admin keys."""
+        digest = hash_key(key)
+        return any(hmac.compare_digest(digest, stored) for stored in self._admin_keys)
+
+    def principal_for_user(self, user_id: str) -> Principal | None:
+        """The principal of a user id, or None when the policy has no such user."""
+        return self._users.get(user_id)
+
+    def principals(self) -> list[Principal]:
+        """Every user of the policy."""
+        return list(self._users.values())

@@ -1,0 +1,189 @@
+"""The policy file's typed schema: tiers, users, keys, caps and prices.
+
+Every model forbids unknown fields, so a typo in the YAML is an error, not a silently ignored
+setting. Cross-references (a user's tier, duplicate key hashes, one currency) are checked by
+`Policy` itself; the loader turns every error into a message naming the YAML path and line.
+"""
+
+import re
+from collections.abc import Iterator
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    model_validator,
+)
+
+from policies.money import parse_amount, parse_token_price
+
+Period = Literal["minute", "hour", "day", "week", "month"]
+TokenType = Literal["prompt", "completion"]
+FailMode = Literal["closed", "open"]
+
+KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class TokenPrice(BaseModel):
+    """A per-token price, kept exactly as nano-units of `currency` per token."""
+
+    model_config = ConfigDict(frozen=True)
+
+    text: str
+    nano_per_token: int
+    currency: str
+
+
+def _read_token_price(value: object) -> object:
+    if isinstance(value, TokenPrice):
+        return value
+    nano, currency = parse_token_price(value)
+    return {"text": value, "nano_per_token": nano, "currency": currency}
+
+
+Price = Annotated[
+    TokenPrice,
+    BeforeValidator(_read_token_price),
+    PlainSerializer(lambda price: price.text, return_type=str),
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Window(_Strict):
+    """A cap over a window of time.
+
+    `calendar` windows reset at UTC boundaries (the minute, hour, day, ISO week, month);
+    `rolling` windows count the last minute/hour/day/week/30 days in 60 buckets.
+    """
+
+    per: Period
+    tokens: Annotated[int, Field(ge=0)]
+    mode: Literal["calendar", "rolling"] = "calendar"
+
+    @property
+    def name(self) -> str:
+        return self.per if self.mode == "calendar" else f"rolling-{self.per}"
+
+
+class Caps(_Strict):
+    """Token caps: per request and per window. `count` says which token types the caps count."""
+
+    per_request: Annotated[int, Field(gt=0)] | None = None
+    windows: list[Window] = []
+    count: list[TokenType] = ["prompt", "completion"]
+
+    @model_validator(mode="after")
+    def _distinct_windows(self) -> "Caps":
+        names = [window.name for window in self.windows]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"window {name!r} is capped twice")
+        return self
+
+
+class Prices(_Strict):
+    """Prices per token type. `cached_prompt` applies to prompt tokens vLLM served from cache."""
+
+    prompt: Price | None = None
+    cached_prompt: Price | None = None
+    completion: Price | None = None
+
+    def defined(self) -> Iterator[TokenPrice]:
+        """The prices that are set."""
+        return (p for p in (self.prompt, self.cached_prompt, self.completion) if p is not None)
+
+
+class Plan(_Strict):
+    """A flat plan price (from the cap-menu optimizer); informational for value reports."""
+
+    price: str
+    per: Period
+
+    @model_validator(mode="after")
+    def _readable(self) -> "Plan":
+        parse_amount(self.price)
+        return self
+
+
+class Tier(_Strict):
+    """What a tier may use, how fast, and at what price."""
+
+    priority: int = 0
+    max_concurrent: Annotated[int, Field(gt=0)] | None = None
+    models: list[str] = ["*"]
+    fail_mode: FailMode = "closed"
+    ttft_objective_s: Annotated[float, Field(gt=0)] | None = None
+    lease_tokens: Annotated[int, Field(gt=0)] | None = None
+    caps: Caps = Caps()
+    prices: Prices = Prices()
+    plan: Plan | None = None
+
+    def allows_model(self, model: str) -> bool:
+        return "*" in self.models or model in self.models
+
+    def counts(self, token_type: TokenType) -> bool:
+        return token_type in self.caps.count
+
+
+class User(_Strict):
+    """A user: an id, a tier (or the policy's default tier) and API keys as SHA-256 hashes."""
+
+    id: Annotated[str, Field(pattern=NAME.pattern)]
+    tier: str | None = None
+    keys: list[Annotated[str, Field(pattern=KEY_HASH.pattern)]] = []
+
+
+class Policy(_Strict):
+    """The whole policy file."""
+
+    default_tier: str | None = None
+    admin_keys: list[Annotated[str, Field(pattern=KEY_HASH.pattern)]] = []
+    tiers: dict[Annotated[str, Field(pattern=NAME.pattern)], Tier]
+    users: list[User] = []
+
+    @property
+    def currency(self) -> str:
+        """The one currency of all prices (USD when no price is set)."""
+        for tier in self.tiers.values():
+            for price in tier.prices.defined():
+                return price.currency
+        return "USD"
+
+
+Problem = tuple[tuple[str | int, ...], str]
+
+
+def reference_problems(policy: Policy) -> list[Problem]:
+    """Problems that span fields: unknown tiers, duplicate ids and key hashes, mixed currencies."""
+    problems: list[Problem] = []
+    if policy.default_tier is not None and policy.default_tier not in policy.tiers:
+        problems.append((("default_tier",), f"unknown tier {policy.default_tier!r}"))
+    seen_users: set[str] = set()
+    seen_keys: dict[str, tuple[str | int, ...]] = {
+        key: ("admin_keys", i) for i, key in enumerate(policy.admin_keys)
+    }
+    for i, user in enumerate(policy.users):
+        if user.id in seen_users:
+            problems.append((("users", i, "id"), f"duplicate user id {user.id!r}"))
+        seen_users.add(user.id)
+        if user.tier is None and policy.default_tier is None:
+            problems.append((("users", i, "tier"), "no tier and no default_tier"))
+        elif user.tier is not None and user.tier not in policy.tiers:
+            problems.append((("users", i, "tier"), f"unknown tier {user.tier!r}"))
+        for j, key in enumerate(user.keys):
+            where: tuple[str | int, ...] = ("users", i, "keys", j)
+            if key in seen_keys:
+                first = ".".join(map(str, seen_keys[key]))
+                problems.append((where, f"duplicate key hash (also at {first})"))
+            seen_keys[key] = where
+    currencies = sorted({price.currency for tier in policy.tiers.values() for price in tier.prices.defined()})
+    if len(currencies) > 1:
+        problems.append((("tiers",), f"prices mix currencies {currencies}"))
+    return problems

@@ -1,0 +1,205 @@
+"""The ASGI application: routes, and the lifespan that owns every shared client and task."""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+from fastapi import FastAPI
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from metering.meter import Meter, MeterUnavailable, RedisClient
+from metering.settler import Settler
+from metering.spool import Spool
+from metering.usage import export_text, ledger_events, tier_totals, user_usage
+from proxy import metrics
+from proxy.admission import Admission
+from proxy.errors import APIError, unauthorized
+from proxy.gateway import Gateway, bearer_key
+from proxy.policy_store import PolicyStore
+from proxy.settings import Settings, load_settings
+from proxy.transport import Http1Transport
+from proxy.upstream import UpstreamPool
+
+log = logging.getLogger("capgate")
+
+
+def redis_client(settings: Settings) -> RedisClient:
+    """The Redis (or Redis Cluster) client for metering."""
+    timeout = settings.timeouts.redis_s
+    options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if settings.redis_cluster:
+        return RedisCluster.from_url(
+            settings.redis_url, max_connections=settings.redis_max_connections, **options
+        )
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=settings.redis_max_connections, timeout=timeout, **options
+    )
+    return Redis(connection_pool=pool)
+
+
+async def _housekeeping(gateway: Gateway, interval_s: float) -> None:
+    """Reap expired reservations and replay the spool, forever."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await gateway.meter.reap_all()
+            await gateway.settler.replay()
+        except MeterUnavailable as exc:
+            log.debug("housekeeping skipped: redis unavailable (%s)", exc)
+        metrics.SPOOL_BYTES.set(gateway.settler.spool.size())
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The gateway app for `settings`; clients and background tasks live in its lifespan."""
+    policies = PolicyStore(settings.policy_file, settings.policy_poll_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        timeouts = settings.timeouts
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeouts.read_s, connect=timeouts.connect_s),
+            transport=Http1Transport(),
+        )
+        redis = redis_client(settings)
+        pool = UpstreamPool(settings, client)
+        meter = Meter(redis, lease_ttl_s=settings.lease_ttl_s)
+        settler = Settler(meter, Spool(settings.spool_dir, settings.spool_max_bytes))
+        admission = Admission(settings.admission, pool)
+        gateway = Gateway(settings, policies, pool, meter, settler, admission)
+        app.state.gateway = gateway
+        await pool.start()
+        admission.start()
+        policies.start()
+        housekeeping = asyncio.create_task(_housekeeping(gateway, settings.reap_interval_s))
+        try:
+            yield
+        finally:
+            housekeeping.cancel()
+            await asyncio.gather(housekeeping, return_exceptions=True)
+            await gateway.shutdown()
+            await policies.stop()
+            await admission.stop()
+            await pool.stop()
+            await client.aclose()
+            await redis.aclose()
+
+    app = FastAPI(title="capgate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError) -> Response:
+        return error.response()
+
+    def gateway_of(request: Request) -> Gateway:
+        return request.app.state.gateway
+
+    async def generate(request: Request) -> Response:
+        return await gateway_of(request).handle(request)
+
+    # The hot routes are plain Starlette routes: FastAPI's dependency and response handling per
+    # request buys nothing for a handler that takes the raw request and returns its own Response.
+    app.router.routes.append(Route("/v1/chat/completions", generate, methods=["POST"]))
+    app.router.routes.append(Route("/v1/completions", generate, methods=["POST"]))
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        gateway = gateway_of(request)
+        principal = gateway.principal(request)
+        served = [m for m in gateway.pool.models() if principal.tier.allows_model(m)]
+        state = gateway.pool.pick(served[0]) if served else None
+        if state is None:
+            return JSONResponse({"object": "list", "data": []})
+        try:
+            reply = await gateway.pool.client.get(f"{state.upstream.url}/v1/models")
+        except httpx.HTTPError as exc:
+            raise APIError(502, f"upstream unreachable: {exc}", type="upstream_error") from exc
+        listing = reply.json()
+        listing["data"] = [card for card in listing.get("data", []) if card.get("id") in served]
+        return JSONResponse(listing)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> Response:
+        gateway = gateway_of(request)
+        reasons = []
+        try:
+            await gateway.meter.ping()
+        except MeterUnavailable as exc:
+            reasons.append(f"redis unreachable: {exc}")
+        healthy = 0
+        for state in gateway.pool.states:
+            try:
+                reply = await gateway.pool.client.get(f"{state.upstream.url}/health", timeout=2.0)
+                healthy += reply.status_code == 200
+                if reply.status_code != 200:
+                    reasons.append(f"upstream {state.upstream.label} health {reply.status_code}")
+            except httpx.HTTPError as exc:
+                reasons.append(f"upstream {state.upstream.label} unreachable: {exc!r}")
+        if healthy == 0 or any(r.startswith("redis") for r in reasons):
+            return JSONResponse({"status": "unavailable", "reasons": reasons}, status_code=503)
+        return JSONResponse({"status": "ready", "reasons": reasons})
+
+    @app.get("/metrics")
+    async def metrics_page() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/usage")
+    async def own_usage(request: Request) -> dict:
+        gateway = gateway_of(request)
+        principal = gateway.principal(request)
+        policy = gateway.policies.index.policy
+        return await user_usage(
+            gateway.meter.redis, principal.user_id, principal.tier_name, principal.tier, policy.currency
+        )
+
+    def require_admin(request: Request) -> Gateway:
+        gateway = gateway_of(request)
+        if not gateway.policies.index.is_admin_key(bearer_key(request)):
+            raise unauthorized("this endpoint needs an admin key")
+        return gateway
+
+    @app.get("/admin/users/{user_id}/usage")
+    async def admin_usage(request: Request, user_id: str) -> dict:
+        gateway = require_admin(request)
+        principal = gateway.policies.index.principal_for_user(user_id)
+        if principal is None:
+            raise APIError(404, f"no user {user_id!r} in the policy", code="user_not_found")
+        policy = gateway.policies.index.policy
+        return await user_usage(
+            gateway.meter.redis, user_id, principal.tier_name, principal.tier, policy.currency
+        )
+
+    @app.get("/admin/tiers")
+    async def admin_tiers(request: Request) -> dict:
+        gateway = require_admin(request)
+        return {
+            "currency": gateway.policies.index.policy.currency,
+            "tiers": await tier_totals(gateway.meter.redis),
+        }
+
+    @app.get("/admin/ledger")
+    async def admin_ledger(
+        request: Request, format: str = "jsonl", since_ms: int = 0, until_ms: int | None = None
+    ) -> Response:
+        gateway = require_admin(request)
+        if format not in ("jsonl", "csv"):
+            raise APIError(400, "format must be 'jsonl' or 'csv'", param="format")
+        events = await ledger_events(gateway.meter.redis, since_ms, until_ms)
+        media = "text/csv" if format == "csv" else "application/x-ndjson"
+        return Response(export_text(events, format), media_type=media)
+
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    """The app for `uvicorn --factory`: settings from `$CAPGATE_CONFIG` and the environment."""
+    return create_app(load_settings())

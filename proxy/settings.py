@@ -1,0 +1,130 @@
+"""Gateway settings: a YAML file (path in `CAPGATE_CONFIG` or `--config`) overlaid by environment
+variables, validated at start with errors that name the bad field.
+
+Environment variables are `CAPGATE_<FIELD>` for top-level fields and `CAPGATE_<SECTION>__<FIELD>`
+for nested ones, e.g. `CAPGATE_REDIS_URL`, `CAPGATE_TIMEOUTS__READ_S`. `CAPGATE_UPSTREAMS` takes a
+comma-separated list of base URLs. `CAPGATE_*` variables that name no setting (the set-up scripts'
+`CAPGATE_VLLM_VENV`, say) are not settings and are left alone.
+"""
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from policies.loader import ConfigError, Problem, parse_yaml, validate
+
+ENV_PREFIX = "CAPGATE_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Upstream(_Section):
+    """One vLLM OpenAI-compatible server."""
+
+    url: Annotated[str, Field(pattern=r"^https?://")]
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or self.url
+
+
+class Timeouts(_Section):
+    """Seconds. `read_s` bounds the wait for the upstream's answer and then for each chunk of it, not
+    the whole stream (a request is written in one call, so a stalled upstream is caught by it too)."""
+
+    connect_s: Annotated[float, Field(gt=0)] = 5.0
+    read_s: Annotated[float, Field(gt=0)] = 600.0
+    redis_s: Annotated[float, Field(gt=0)] = 0.5
+
+
+class Admission(_Section):
+    """Load-aware admission from vLLM's own `/metrics`."""
+
+    enabled: bool = True
+    interval_s: Annotated[float, Field(gt=0)] = 0.5
+    stale_after_s: Annotated[float, Field(gt=0)] = 3.0
+    max_waiting: Annotated[int, Field(ge=0)] = 4
+    max_kv_cache_usage: Annotated[float, Field(gt=0, le=1)] = 0.95
+    queue_timeout_s: Annotated[float, Field(ge=0)] = 2.0
+    retry_after_s: Annotated[int, Field(gt=0)] = 2
+
+
+class Settings(_Section):
+    """Everything the gateway process needs to start."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    workers: Annotated[int, Field(ge=1)] = 1
+    upstreams: Annotated[list[Upstream], Field(min_length=1)] = [Upstream(url="http://127.0.0.1:8001")]
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = False
+    # Connections to Redis (per cluster node); a request holds one at a time, so this bounds the
+    # requests metered at once. When all are busy a call waits for one, within `timeouts.redis_s`.
+    redis_max_connections: Annotated[int, Field(gt=0)] = 512
+    policy_file: str = "deploy/policies/example.yaml"
+    policy_poll_s: Annotated[float, Field(gt=0)] = 1.0
+    max_body_bytes: Annotated[int, Field(gt=0)] = 1 << 20
+    prompt_bound: Literal["bytes", "tokenize"] = "bytes"
+    lease_ttl_s: Annotated[float, Field(gt=0)] = 120.0
+    reap_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    spool_dir: str = ".run/spool"
+    spool_max_bytes: Annotated[int, Field(gt=0)] = 64 << 20
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    timeouts: Timeouts = Timeouts()
+    admission: Admission = Admission()
+
+
+def _env_overlay(env: Mapping[str, str]) -> dict[str, Any]:
+    overlay: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name == f"{ENV_PREFIX}CONFIG":
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        if path[0] not in Settings.model_fields:
+            continue
+        value: Any = raw
+        if path == ["upstreams"]:
+            value = [{"url": url.strip()} for url in raw.split(",") if url.strip()]
+        else:
+            value = yaml.safe_load(raw) if raw else raw
+        node = overlay
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return overlay
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(path: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from `path` (or `$CAPGATE_CONFIG`, or defaults) overlaid by the environment."""
+    env = os.environ if env is None else env
+    path = path or env.get(f"{ENV_PREFIX}CONFIG")
+    source = path or "<environment>"
+    data: object = {}
+    lines: dict = {}
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(source, [Problem("", None, f"cannot read settings: {exc}")]) from exc
+        data, lines = parse_yaml(text, source)
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        return validate(data, Settings, source, lines)
+    return validate(_merge(data, _env_overlay(env)), Settings, source, lines)

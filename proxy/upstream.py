@@ -1,0 +1,162 @@
+"""The vLLM upstreams: one shared HTTP client, what each serves, how loaded each is.
+
+A background poller reads each upstream's `/v1/models` (served models and their context length)
+and `/metrics` (`vllm:num_requests_waiting`, `vllm:num_requests_running`,
+`vllm:kv_cache_usage_perc`). Load older than `stale_after_s` counts as unknown, never as idle.
+Requests go to the least loaded healthy upstream that serves the model.
+"""
+
+import asyncio
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from metering.prompt import TemplateOverhead
+from proxy.settings import Settings, Upstream
+
+log = logging.getLogger("capgate.upstream")
+
+_SAMPLE = re.compile(r"^(vllm:[a-z_]+)(?:\{[^}]*\})? ([0-9.eE+-]+|NaN)$", re.MULTILINE)
+_LOAD_METRICS = {
+    "vllm:num_requests_waiting": "waiting",
+    "vllm:num_requests_running": "running",
+    "vllm:kv_cache_usage_perc": "kv_cache_usage",
+}
+_PROBE_USER = {"role": "user", "content": ""}
+_PROBE_ASSISTANT = {"role": "assistant", "content": ""}
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """An upstream's load as last read from its `/metrics`."""
+
+    waiting: float
+    running: float
+    kv_cache_usage: float
+    read_at: float
+
+
+@dataclass
+class UpstreamState:
+    """What is known of one upstream."""
+
+    upstream: Upstream
+    models: dict[str, int] = field(default_factory=dict)
+    overheads: dict[str, TemplateOverhead] = field(default_factory=dict)
+    healthy: bool = False
+    load: Load | None = None
+    in_flight: int = 0
+
+    def fresh_load(self, now: float, stale_after_s: float) -> Load | None:
+        """The load if it is recent enough to act on, else None (unknown)."""
+        if self.load is None or now - self.load.read_at > stale_after_s:
+            return None
+        return self.load
+
+
+def parse_load(text: str, now: float) -> Load | None:
+    """Sum vLLM's load gauges over their label sets; None when any is missing."""
+    values: dict[str, float] = {}
+    for name, value in _SAMPLE.findall(text):
+        if name in _LOAD_METRICS:
+            key = _LOAD_METRICS[name]
+            values[key] = values.get(key, 0.0) + float(value)
+    if len(values) != len(_LOAD_METRICS):
+        return None
+    return Load(values["waiting"], values["running"], values["kv_cache_usage"], now)
+
+
+class UpstreamPool:
+    """All configured upstreams and the one `httpx.AsyncClient` used to reach them."""
+
+    def __init__(self, settings: Settings, client: httpx.AsyncClient) -> None:
+        self.settings = settings
+        self.client = client
+        self.states = [UpstreamState(upstream) for upstream in settings.upstreams]
+        self._poller: asyncio.Task[None] | None = None
+
+    def models(self) -> dict[str, int]:
+        """Every model served by a healthy upstream, with its context length."""
+        served: dict[str, int] = {}
+        for state in self.states:
+            if state.healthy:
+                served.update(state.models)
+        return served
+
+    def pick(self, model: str) -> UpstreamState | None:
+        """The least loaded healthy upstream serving `model` (unknown load counts by in-flight)."""
+        now = time.monotonic()
+        stale = self.settings.admission.stale_after_s
+        candidates = [s for s in self.states if s.healthy and model in s.models]
+        if not candidates:
+            return None
+
+        def weight(state: UpstreamState) -> tuple[float, int]:
+            load = state.fresh_load(now, stale)
+            queued = load.waiting + load.running if load is not None else 0.0
+            return (queued, state.in_flight)
+
+        return min(candidates, key=weight)
+
+    async def refresh(self, state: UpstreamState) -> None:
+        """Re-read one upstream's models (and calibrate new ones) and load."""
+        base = state.upstream.url
+        try:
+            models = (await self.client.get(f"{base}/v1/models", timeout=5.0)).json()
+            served = {card["id"]: int(card.get("max_model_len") or 0) for card in models["data"]}
+            metrics = await self.client.get(f"{base}/metrics", timeout=5.0)
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            if state.healthy:
+                log.warning("upstream %s unreachable: %s", state.upstream.label, exc)
+            state.healthy = False
+            return
+        for model in served.keys() - state.overheads.keys():
+            state.overheads[model] = await self._calibrate(base, model)
+        state.models = served
+        if not state.healthy:
+            log.info("upstream %s serves %s", state.upstream.label, sorted(served))
+        state.healthy = True
+        state.load = parse_load(metrics.text, time.monotonic()) if metrics.is_success else None
+
+    async def _count(self, base: str, payload: dict) -> int:
+        reply = await self.client.post(f"{base}/tokenize", json=payload, timeout=5.0)
+        reply.raise_for_status()
+        return int(reply.json()["count"])
+
+    async def _calibrate(self, base: str, model: str) -> TemplateOverhead:
+        """Measure the chat template's token overhead with vLLM's own /tokenize."""
+        try:
+            one = await self._count(base, {"model": model, "messages": [_PROBE_USER]})
+            three = await self._count(
+                base, {"model": model, "messages": [_PROBE_USER, _PROBE_ASSISTANT, _PROBE_USER]}
+            )
+            plain = await self._count(base, {"model": model, "prompt": ""})
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            log.warning("cannot calibrate prompt bound of %s (%s): using defaults", model, exc)
+            return TemplateOverhead()
+        per_message = max(1, -(-(three - one) // 2)) + 1
+        return TemplateOverhead(fixed=max(one, plain) + 2, per_message=per_message)
+
+    async def count_prompt(self, state: UpstreamState, payload: dict) -> int:
+        """The exact prompt tokens of a request, from the upstream's /tokenize."""
+        return await self._count(state.upstream.url, payload)
+
+    async def refresh_all(self) -> None:
+        await asyncio.gather(*(self.refresh(state) for state in self.states))
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.admission.interval_s)
+            await self.refresh_all()
+
+    async def start(self) -> None:
+        await self.refresh_all()
+        self._poller = asyncio.create_task(self._poll())
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)

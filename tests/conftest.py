@@ -1,0 +1,35 @@
+"""Session-wide fixtures for real servers; the machinery lives in ``tests/harness``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from harness import RedisCluster, RedisServer, VllmServer, stop_all_on_sigterm
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "integration: needs real servers (Redis, vLLM)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    stop_all_on_sigterm()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A standalone ``redis-server`` on a loopback port, shared by the session."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A 3-master Redis Cluster, started only if a test asks for it."""
+    with RedisCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    """The one vLLM server of the session (tiny model, priority scheduling)."""
+    with VllmServer(log_path=tmp_path_factory.mktemp("vllm") / "vllm.log") as server:
+        yield server

@@ -1,0 +1,103 @@
+"""A throttling, counting HTTP reverse proxy for putting a slow or half-blind link before vLLM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections import Counter
+from urllib.parse import urlsplit
+
+from .processes import free_port
+
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+
+class RelayProxy:
+    """A small HTTP reverse proxy in front of vLLM, on its own thread and event loop.
+
+    One request per connection (it asks vLLM for `connection: close`), the requested paths are
+    counted in `paths`. With `hide_metrics` it answers `GET /metrics` with a 404 itself, so vLLM
+    serves everything but its load cannot be read. With `bytes_per_s` it hands generations on at
+    that rate, as a slow link would: vLLM generates as fast as ever (and may deliver a whole
+    stream at once when its API process is starved of CPU), but a stream stays in flight in
+    capgate for a predictable time.
+    """
+
+    def __init__(self, target: str, *, hide_metrics: bool = False, bytes_per_s: int | None = None) -> None:
+        parts = urlsplit(target)
+        self.target = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self.hide_metrics = hide_metrics
+        self.bytes_per_s = bytes_per_s
+        self.port = free_port()
+        self.paths: Counter[str] = Counter()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.Server | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> RelayProxy:
+        self._thread.start()
+        listen = asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self._server = asyncio.run_coroutine_threadsafe(listen, self._loop).result(10)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    async def _shutdown(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        current = asyncio.current_task()
+        tasks = [task for task in asyncio.all_tasks() if task is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._relay(reader, writer)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            writer.close()
+            return
+        request_line, *headers = head[:-4].split(b"\r\n")
+        path = request_line.split(b" ")[1].decode()
+        self.paths[path] += 1
+        if self.hide_metrics and path == "/metrics":
+            writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            await writer.drain()
+            writer.close()
+            return
+        kept = [line for line in headers if not line.lower().startswith(b"connection:")]
+        upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
+        upstream_writer.write(b"\r\n".join([request_line, *kept, b"connection: close"]) + b"\r\n\r\n")
+        rate = self.bytes_per_s if path in GENERATION_PATHS else None
+        await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer, rate))
+
+    @staticmethod
+    async def _pipe(
+        source: asyncio.StreamReader, sink: asyncio.StreamWriter, rate: int | None = None
+    ) -> None:
+        """Copy until `source` ends (at most `rate` bytes/s), then close `sink` (a hang-up on one
+        side closes the other)."""
+        size = 65536 if rate is None else 1024
+        try:
+            while data := await source.read(size):
+                sink.write(data)
+                await sink.drain()
+                if rate is not None:
+                    await asyncio.sleep(len(data) / rate)
+        except ConnectionError:
+            pass
+        finally:
+            sink.close()

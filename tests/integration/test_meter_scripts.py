@@ -1,0 +1,235 @@
+"""The metering scripts against a real redis-server: reservations across windows, leases,
+exactly-once settlement, the reaper, and the spool that carries usage through an outage."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from harness import RedisServer
+from redis.asyncio import Redis
+from redis.crc import key_slot
+
+from metering.events import UsageEvent
+from metering.meter import CapExceeded, ConcurrencyExceeded, Meter, MeterUnavailable, ReserveRequest
+from metering.settler import Settler
+from metering.spool import Spool
+from policies.schema import Tier
+
+pytestmark = pytest.mark.integration
+T = TypeVar("T")
+
+TIER = Tier.model_validate(
+    {
+        "max_concurrent": 3,
+        "caps": {
+            "windows": [{"per": "day", "tokens": 1000}, {"per": "minute", "tokens": 600, "mode": "rolling"}]
+        },
+        "prices": {"prompt": "1 USD/1M", "completion": "2 USD/1M"},
+    }
+)
+
+
+class Clock:
+    """A settable clock, so that leases expire without waiting."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    client = redis_server.client()
+    client.flushall()
+    yield redis_server.url
+    client.flushall()
+
+
+def run(make: Callable[[Redis], Awaitable[T]], url: str) -> T:
+    async def main() -> T:
+        redis = Redis.from_url(url)
+        try:
+            return await make(redis)
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(main())
+
+
+def request(rid: str, fixed: int = 10, want_max: int = 400, user: str = "alice") -> ReserveRequest:
+    return ReserveRequest(rid, user, "pro", TIER, "tiny", fixed, 1, want_max)
+
+
+def event(
+    rid: str, prompt: int, completion: int, user: str = "alice", ts_ms: int | None = None
+) -> UsageEvent:
+    return UsageEvent(
+        rid, user, "pro", "tiny", prompt, 0, completion, prompt * 1000 + completion * 2000,
+        prompt + completion, "stop", 5.0, 50.0, ts_ms if ts_ms is not None else int(time.time() * 1000),
+    )  # fmt: skip
+
+
+async def window_used(redis: Redis, name: str, user: str = "alice") -> int:
+    return sum(int(v) for v in (await redis.hgetall(f"cg:{{u:{user}}}:w:{name}")).values())
+
+
+def test_reserve_holds_in_every_window_and_settle_returns_the_rest(redis_url: str) -> None:
+    async def scenario(redis: Redis) -> None:
+        meter = Meter(redis)
+        held = await meter.reserve(request("r1"))
+        assert (held.granted, held.left) == (400, 600 - 410)
+        assert await window_used(redis, "day") == await window_used(redis, "rolling-minute") == 410
+        assert await meter.settle(event("r1", 8, 100), TIER.caps.windows) == "ok"
+        assert await window_used(redis, "day") == await window_used(redis, "rolling-minute") == 108
+        assert await redis.zcard("cg:{u:alice}:live") == 0
+        totals = await redis.hgetall("cg:{u:alice}:totals")
+        assert int(totals[b"completion_tokens"]) == 100 and int(totals[b"tier:pro:value_nano"]) == 208000
+        assert await redis.xlen("cg:{u:alice}:ledger") == 1
+
+    run(scenario, redis_url)
+
+
+def test_grant_is_limited_by_the_tightest_window_then_refused_with_retry_after(redis_url: str) -> None:
+    async def scenario(redis: Redis) -> None:
+        meter = Meter(redis)
+        first = await meter.reserve(request("r1", want_max=1000))
+        assert first.granted == 590
+        with pytest.raises(CapExceeded) as refused:
+            await meter.reserve(request("r2"))
+        assert refused.value.window == "rolling-minute"
+        assert 1 <= refused.value.retry_after <= 60
+
+    run(scenario, redis_url)
+
+
+def test_concurrency_limit_counts_live_reservations(redis_url: str) -> None:
+    async def scenario(redis: Redis) -> None:
+        meter = Meter(redis)
+        for i in range(3):
+            await meter.reserve(request(f"r{i}", want_max=10))
+        with pytest.raises(ConcurrencyExceeded):
+            await meter.reserve(request("r3", want_max=10))
+        await meter.settle(event("r0", 1, 1), TIER.caps.windows)
+        await meter.reserve(request("r3", want_max=10))
+
+    run(scenario, redis_url)
+
+
+def test_settle_is_exactly_once(redis_url: str) -> None:
+    async def scenario(redis: Redis) -> None:
+        meter = Meter(redis)
+        await meter.reserve(request("r1"))
+        assert await meter.settle(event("r1", 5, 5), TIER.caps.windows) == "ok"
+        assert await meter.settle(event("r1", 5, 5), TIER.caps.windows) == "duplicate"
+        assert await window_used(redis, "day") == 10
+        assert await redis.xlen("cg:{u:alice}:ledger") == 1
+
+    run(scenario, redis_url)
+
+
+def test_leases_extend_within_the_cap_and_then_refuse(redis_url: str) -> None:
+    async def scenario(redis: Redis) -> None:
+        meter = Meter(redis)
+        held = await meter.reserve(request("r1", fixed=0, want_max=250))
+        first = await meter.extend(held, want_min=1, want_max=250, prompt_tokens=3, completion_tokens=200)
+        assert (first.granted, first.gone) == (250, False)
+        second = await meter.extend(held, want_min=1, want_max=250, prompt_tokens=3, completion_tokens=450)
+        assert second.granted == 100
+        third = await meter.extend(held, want_min=1, want_max=250, prompt_tokens=3, completion_tokens=600)
+        assert third.granted == 0
+        assert await window_used(redis, "rolling-minute") == 600
+        await meter.settle(event("r1", 0, 580), TIER.caps.windows)
+        assert await window_used(redis, "rolling-minute") == 580
+
+    run(scenario, redis_url)
+
+
+def test_reaper_returns_an_expired_reservation_and_a_late_settle_adds_only_the_rest(redis_url: str) -> None:
+    async def scenario(redis: Redis) -> None:
+        clock = Clock()
+        meter = Meter(redis, lease_ttl_s=10, clock=clock)
+        held = await meter.reserve(request("r1", fixed=10, want_max=400))
+        await meter.extend(held, want_min=0, want_max=0, prompt_tokens=10, completion_tokens=30)
+        clock.now += 11
+        assert await meter.reap_all() == 1
+        assert await window_used(redis, "day") == 40
+        assert await redis.zcard("cg:{u:alice}:live") == 0
+        assert await meter.settle(event("r1", 10, 50), TIER.caps.windows) == "late"
+        assert await window_used(redis, "day") == 60
+        entries = await redis.xrange("cg:{u:alice}:ledger")
+        billed = sum(int(f[b"completion_tokens"]) for _, f in entries)
+        assert billed == 50 and len(entries) == 2
+        totals = await redis.hgetall("cg:{u:alice}:totals")
+        assert int(totals[b"completion_tokens"]) == 50 and int(totals[b"requests"]) == 1
+        assert await meter.settle(event("r1", 10, 50), TIER.caps.windows) == "duplicate"
+
+    run(scenario, redis_url)
+
+
+def test_next_reserve_reaps_the_users_expired_reservations(redis_url: str) -> None:
+    async def scenario(redis: Redis) -> None:
+        clock = Clock()
+        meter = Meter(redis, lease_ttl_s=5, clock=clock)
+        await meter.reserve(request("dead", want_max=590))
+        clock.now += 6
+        assert (await meter.reserve(request("next", want_max=500))).granted == 500
+
+    run(scenario, redis_url)
+
+
+def test_settle_without_reservation_charges_current_windows_once(redis_url: str) -> None:
+    """Fail-open usage replayed from the spool has no reservation."""
+
+    async def scenario(redis: Redis) -> None:
+        meter = Meter(redis)
+        assert await meter.settle(event("open-1", 4, 6), TIER.caps.windows) == "ok"
+        assert await meter.settle(event("open-1", 4, 6), TIER.caps.windows) == "duplicate"
+        assert await window_used(redis, "day") == 10
+
+    run(scenario, redis_url)
+
+
+def test_keys_of_one_user_share_a_hash_slot(redis_url: str) -> None:
+    async def scenario(redis: Redis) -> None:
+        meter = Meter(redis)
+        await meter.reserve(request("r1"))
+        await meter.settle(event("r1", 1, 1), TIER.caps.windows)
+        keys = [k.decode() async for k in redis.scan_iter(match="cg:*")]
+        slots = {key_slot(k.encode()) for k in keys}
+        assert len(keys) >= 5 and len(slots) == 1
+
+    run(scenario, redis_url)
+
+
+def test_spool_carries_settlements_through_an_outage(redis_server: RedisServer, tmp_path: Path) -> None:
+    server = RedisServer(appendonly=True)
+    server.start()
+    try:
+
+        async def scenario() -> None:
+            redis = Redis.from_url(server.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+            settler = Settler(Meter(redis), Spool(tmp_path / "spool", 1 << 20))
+            server.kill()
+            outcomes = [await settler.settle(event(f"o{i}", 2, 3), TIER.caps.windows) for i in range(5)]
+            assert outcomes == ["spooled"] * 5
+            with pytest.raises(MeterUnavailable):
+                await settler.meter.ping()
+            assert await settler.replay() == 0
+            server.restart()
+            assert await settler.replay() == 5
+            assert await settler.replay() == 0
+            assert settler.spool.size() == 0
+            assert await redis.xlen("cg:{u:alice}:ledger") == 5
+            assert await window_used(redis, "day") == 25
+            await redis.aclose()
+
+        asyncio.run(scenario())
+    finally:
+        server.close()

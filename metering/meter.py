@@ -19,6 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from metering.events import UsageEvent
 from metering.keys import LIVE_PATTERN, UserKeys, user_of_key
+from metering.pipeline import ReplyError, ScriptConnection
 from metering.windows import WindowSlot, slot_of
 from policies.schema import Tier, Window
 
@@ -100,7 +101,11 @@ def _window_args(slots: Sequence[WindowSlot]) -> list[int]:
 
 
 class Meter:
-    """Token accounting for all users over one Redis (or Redis Cluster) client."""
+    """Token accounting for all users over one Redis (or Redis Cluster) client.
+
+    With `scripts` (a single Redis), the scripts run over that pipelined connection instead of
+    `redis`, which then serves only the housekeeping (reaping, readiness).
+    """
 
     def __init__(
         self,
@@ -108,8 +113,10 @@ class Meter:
         *,
         lease_ttl_s: float = 120.0,
         clock: Callable[[], float] = time.time,
+        scripts: ScriptConnection | None = None,
     ) -> None:
         self.redis = redis
+        self.scripts = scripts
         self.lease_ttl_s = lease_ttl_s
         self.clock = clock
         self._reserve = redis.register_script(_script("reserve"))
@@ -122,10 +129,12 @@ class Meter:
 
     async def _run(self, script, keys: list[str], args: list) -> object:  # type: ignore[no-untyped-def]
         try:
+            if self.scripts is not None:
+                return await self.scripts.evalsha(script.sha, script.script, keys, args)
             return await script(keys=keys, args=args)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise MeterUnavailable(str(exc) or type(exc).__name__) from exc
-        except RedisError as exc:
+        except (RedisError, ReplyError) as exc:
             if "NOSCRIPT" in str(exc) or "LOADING" in str(exc):
                 raise MeterUnavailable(str(exc)) from exc
             raise

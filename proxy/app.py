@@ -13,7 +13,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from metering import pipeline
 from metering.meter import Meter, MeterUnavailable, RedisClient
+from metering.pipeline import ScriptConnection
 from metering.settler import Settler
 from metering.spool import Spool
 from metering.usage import export_text, ledger_events, tier_totals, user_usage
@@ -43,6 +45,14 @@ def redis_client(settings: Settings) -> RedisClient:
     return Redis(connection_pool=pool)
 
 
+def script_connection(settings: Settings) -> ScriptConnection | None:
+    """The pipelined connection for the meter's scripts: on a single Redis reached by a
+    `redis://` or `unix://` URL (a cluster or TLS runs them through `redis_client`)."""
+    if settings.redis_cluster or not pipeline.supports(settings.redis_url):
+        return None
+    return ScriptConnection(settings.redis_url, settings.timeouts.redis_s)
+
+
 async def _housekeeping(gateway: Gateway, interval_s: float) -> None:
     """Reap expired reservations and replay the spool, forever."""
     while True:
@@ -67,8 +77,9 @@ def create_app(settings: Settings) -> FastAPI:
             transport=Http1Transport(),
         )
         redis = redis_client(settings)
+        scripts = script_connection(settings)
         pool = UpstreamPool(settings, client)
-        meter = Meter(redis, lease_ttl_s=settings.lease_ttl_s)
+        meter = Meter(redis, lease_ttl_s=settings.lease_ttl_s, scripts=scripts)
         settler = Settler(meter, Spool(settings.spool_dir, settings.spool_max_bytes))
         admission = Admission(settings.admission, pool)
         gateway = Gateway(settings, policies, pool, meter, settler, admission)
@@ -87,6 +98,8 @@ def create_app(settings: Settings) -> FastAPI:
             await admission.stop()
             await pool.stop()
             await client.aclose()
+            if scripts is not None:
+                await scripts.aclose()
             await redis.aclose()
 
     app = FastAPI(title="capgate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

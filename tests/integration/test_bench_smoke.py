@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from harness import VllmServer
 
 REPO = Path(__file__).resolve().parents[2]
 REQUESTS = 6
@@ -76,3 +77,36 @@ def test_summary_describes_the_machine_and_judges_the_targets(results: dict) -> 
     assert {r["path"] for r in results["saturation"]} == {"direct", "capgate"}
     assert len(results["targets"]) == 4
     assert results["peak_memory_mib"]["fake"]["capgate"] > 0
+
+
+ADDED_ROUNDS = 20
+PROBE_ROUNDS = 10
+
+
+def test_added_latency_script_against_the_real_vllm(tmp_path: Path, vllm_server: VllmServer) -> None:
+    """`python -m bench.added` alternates direct and capgate requests to the session's vLLM and
+    runs its idle-gap probe; every figure it prints is in added.json and adds up."""
+    vllm_server.wait_quiet()
+    command = [
+        sys.executable, "-m", "bench.added", "--vllm-url", vllm_server.base_url, "--out", str(tmp_path),
+        "--rounds", str(ADDED_ROUNDS), "--warmup", "2", "--probe-rounds", str(PROBE_ROUNDS),
+    ]  # fmt: skip
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert f"## Against the real vLLM ({ADDED_ROUNDS} interleaved rounds)" in run.stdout
+    results = json.loads((tmp_path / "added.json").read_text())
+    probe = results["probe"]
+    assert probe["gap_ms"] == results["vllm"]["direct"]["median_ms"]
+    for figures, rounds in (
+        (results["vllm"], ADDED_ROUNDS),
+        (probe["back_to_back"], PROBE_ROUNDS),
+        (probe["idle_gap"], PROBE_ROUNDS),
+    ):
+        assert set(figures) == {"direct", "capgate"}
+        for path in figures.values():
+            assert path["requests"] == rounds
+            assert 0 < path["median_ms"] <= path["p99_ms"]
+        direct, capgate = figures["direct"], figures["capgate"]
+        assert capgate["added_median_ms"] == pytest.approx(capgate["median_ms"] - direct["median_ms"])
+        assert capgate["added_p99_ms"] == pytest.approx(capgate["p99_ms"] - direct["p99_ms"])
+        assert f"| capgate | {rounds} | {capgate['median_ms']:.2f} |" in run.stdout

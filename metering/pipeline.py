@@ -1,0 +1,150 @@
+"""One pipelined connection to a single Redis, for the meter's scripts on the request path.
+
+Every reservation and settlement is one `EVALSHA`. redis-py spends most of a call in its own
+machinery (pool checkout, command packing, parser plumbing), and on a core that has just been
+idle that machinery runs several times slower than the round trip itself. This connection is a
+plain `asyncio.Protocol`: commands are packed by hiredis and written as they come, replies are
+parsed by hiredis and handed to the waiting calls in order (Redis answers a connection's commands
+in the order it received them), so any number of concurrent requests share one socket, with no
+pool to wait for.
+
+Contract: `evalsha` returns the script's reply, loading the script once if Redis does not know
+it (`NOSCRIPT`, e.g. after a restart). A reply that is an error raises `ReplyError`; no answer
+within `timeout_s` raises `TimeoutError` (the late reply is dropped when it comes); a refused or
+lost connection raises `ConnectionError` in every call waiting on it, and the next call connects
+again. `redis://` and `unix://` URLs, with a user, password and database.
+"""
+
+import asyncio
+from collections import deque
+from collections.abc import Sequence
+from typing import cast
+from urllib.parse import urlsplit
+
+import hiredis
+from redis.asyncio.connection import parse_url
+
+Arg = str | int | bytes
+
+
+class ReplyError(Exception):
+    """Redis answered the command with an error."""
+
+
+def supports(url: str) -> bool:
+    """Whether `url` is one this connection speaks (plain TCP or a Unix socket)."""
+    return urlsplit(url).scheme in ("redis", "unix")
+
+
+class _Replies(asyncio.Protocol):
+    """Parses replies off the socket and resolves the waiting calls in order."""
+
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader()
+        self.waiting: deque[asyncio.Future[object]] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.lost: ConnectionError | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        try:
+            while (reply := self.reader.gets()) is not False:
+                waiter = self.waiting.popleft()
+                if not waiter.done():
+                    waiter.set_result(reply)
+        except (hiredis.ProtocolError, IndexError) as exc:
+            self._fail(ConnectionError(f"redis protocol error: {exc!r}"))
+            assert self.transport is not None
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(ConnectionError(f"redis connection lost: {exc or 'closed by the server'}"))
+
+    def _fail(self, error: ConnectionError) -> None:
+        self.lost = error
+        while self.waiting:
+            waiter = self.waiting.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
+
+    def send(self, command: bytes) -> asyncio.Future[object]:
+        if self.lost is not None:
+            raise self.lost
+        assert self.transport is not None
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiting.append(waiter)
+        self.transport.write(command)
+        return waiter
+
+
+class ScriptConnection:
+    """Runs Lua scripts on one Redis over one pipelined connection."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        if not supports(url):
+            raise ValueError(f"not a redis:// or unix:// URL: {url}")
+        self.url = url
+        self.timeout_s = timeout_s
+        self._options = parse_url(url)
+        self._replies: _Replies | None = None
+        self._connecting: asyncio.Lock | None = None
+
+    async def _open(self) -> _Replies:
+        loop = asyncio.get_running_loop()
+        options = self._options
+        if "path" in options:
+            _, replies = await loop.create_unix_connection(_Replies, options["path"])
+        else:
+            host, port = options.get("host", "127.0.0.1"), options.get("port", 6379)
+            _, replies = await loop.create_connection(_Replies, host, port)
+        greeting: list[asyncio.Future[object]] = []
+        if options.get("password"):
+            user = [options["username"]] if options.get("username") else []
+            greeting.append(replies.send(hiredis.pack_command(("AUTH", *user, options["password"]))))
+        if options.get("db"):
+            greeting.append(replies.send(hiredis.pack_command(("SELECT", options["db"]))))
+        for answer in greeting:
+            reply = await answer
+            if isinstance(reply, hiredis.ReplyError):
+                assert replies.transport is not None
+                replies.transport.close()
+                raise ConnectionError(f"redis refused the connection set-up: {reply}")
+        return replies
+
+    async def _connection(self) -> _Replies:
+        replies = self._replies
+        if replies is not None and replies.lost is None:
+            return replies
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._replies is None or self._replies.lost is not None:
+                self._replies = await self._open()
+            return self._replies
+
+    async def _call(self, command: tuple[Arg, ...]) -> object:
+        async with asyncio.timeout(self.timeout_s):
+            replies = await self._connection()
+            reply = await replies.send(hiredis.pack_command(command))
+        if isinstance(reply, hiredis.ReplyError):
+            raise ReplyError(str(reply))
+        return reply
+
+    async def evalsha(self, sha: str, source: str, keys: Sequence[Arg], args: Sequence[Arg]) -> object:
+        """Run the script `source` (whose SHA1 is `sha`) with `keys` and `args`."""
+        command = ("EVALSHA", sha, len(keys), *keys, *args)
+        try:
+            return await self._call(command)
+        except ReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        await self._call(("SCRIPT", "LOAD", source))
+        return await self._call(command)
+
+    async def aclose(self) -> None:
+        """Close the connection; calls still waiting fail with `ConnectionError`."""
+        if self._replies is not None and self._replies.transport is not None:
+            self._replies.transport.close()

@@ -3,10 +3,10 @@
 Every reservation and settlement is one `EVALSHA`. redis-py spends most of a call in its own
 machinery (pool checkout, command packing, parser plumbing), and on a core that has just been
 idle that machinery runs several times slower than the round trip itself. This connection is a
-plain `asyncio.Protocol`: commands are packed by hiredis and written as they come, replies are
-parsed by hiredis and handed to the waiting calls in order (Redis answers a connection's commands
-in the order it received them), so any number of concurrent requests share one socket, with no
-pool to wait for.
+plain `asyncio.Protocol`: commands are packed by hiredis, and those sent in one turn of the event
+loop are written together; replies are parsed by hiredis and handed to the waiting calls in order
+(Redis answers a connection's commands in the order it received them), so any number of
+concurrent requests share one socket, with no pool to wait for, and wake Redis once per turn.
 
 Contract: `evalsha` returns the script's reply, loading the script once if Redis does not know
 it (`NOSCRIPT`, e.g. after a restart). A reply that is an error raises `ReplyError`; no answer
@@ -44,6 +44,7 @@ class _Replies(asyncio.Protocol):
         self.waiting: deque[asyncio.Future[object]] = deque()
         self.transport: asyncio.Transport | None = None
         self.lost: ConnectionError | None = None
+        self.unsent: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -74,10 +75,19 @@ class _Replies(asyncio.Protocol):
         if self.lost is not None:
             raise self.lost
         assert self.transport is not None
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         self.waiting.append(waiter)
-        self.transport.write(command)
+        if not self.unsent:
+            loop.call_soon(self._flush)
+        self.unsent.append(command)
         return waiter
+
+    def _flush(self) -> None:
+        """Write every command sent since the last flush in one call (one wake-up of Redis)."""
+        unsent, self.unsent = self.unsent, []
+        if self.lost is None and self.transport is not None:
+            self.transport.write(b"".join(unsent))
 
 
 class ScriptConnection:

@@ -69,11 +69,11 @@ class _Replies(asyncio.Protocol):
         while self.waiting:
             waiter = self.waiting.popleft()
             if not waiter.done():
-                waiter.set_exception(error)
+                waiter.set_exception(ConnectionError(*error.args))  # one instance per raise
 
     def send(self, command: bytes) -> asyncio.Future[object]:
         if self.lost is not None:
-            raise self.lost
+            raise ConnectionError(*self.lost.args)
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()

@@ -17,6 +17,7 @@ real vLLM's forward pass is exactly such an idle gap for the gateway's core.
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -103,15 +104,15 @@ def summarize(seen: dict[str, list[float]]) -> dict[str, Any]:
 
 
 def _measure(paths: list[GatewayPath], rounds: int, warmup: int, gap_s: float) -> dict[str, Any]:
-    started: list[GatewayPath] = []
-    try:
+    with contextlib.ExitStack() as running:
         for path in paths:
-            path.start()
-            started.append(path)
+            running.enter_context(path)
         return summarize(asyncio.run(_alternate(_lanes(paths), rounds, warmup, gap_s)))
-    finally:
-        for path in reversed(started):
-            path.stop()
+
+
+def _cores(text: str) -> set[int]:
+    """The cores of a comma-separated list such as `--gateway-core`."""
+    return {int(core) for core in text.split(",")}
 
 
 def redis_round_trip_ms(workdir: Path, core: str, rounds: int, gap_s: float) -> float:
@@ -124,7 +125,7 @@ def redis_round_trip_ms(workdir: Path, core: str, rounds: int, gap_s: float) -> 
         server.start()
         with server.client() as client:
             procstat.pin(int(client.info("server")["process_id"]), core)
-        os.sched_setaffinity(0, {int(c) for c in core.split(",")})
+        os.sched_setaffinity(0, _cores(core))
         seen = []
         with socket.create_connection((server.host, server.port)) as sock:
             for number in range(rounds + 10):
@@ -172,7 +173,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    os.sched_setaffinity(0, {int(core) for core in args.load_core.split(",")})
+    os.sched_setaffinity(0, _cores(args.load_core))
     workdir = args.out / "work-added"
     workdir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
@@ -197,9 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"## Against the real vLLM ({args.rounds} interleaved rounds)\n\n{table(results['vllm'])}\n")
     if not args.no_probe:
         gap_ms = results["vllm"]["direct"]["median_ms"]
+        gaps = {"back_to_back": 0.0, "idle_gap": gap_ms / 1000}
         results["probe"] = {"gap_ms": gap_ms}
         with FakeUpstreamProcess(workdir, 1.0, DEFAULT_CAPTURE, args.load_core) as fake:
-            for label, gap in (("back_to_back", 0.0), ("idle_gap", gap_ms / 1000)):
+            for label, gap in gaps.items():
                 paths = [
                     DirectPath("127.0.0.1", fake.port, users()),
                     CapgatePath(workdir / f"probe-{label}", fake.url, args.gateway_core),
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"## Idle-gap probe, fast upstream, {title}\n\n{table(results['probe'][label])}\n")
         ping = {
             label: redis_round_trip_ms(workdir, args.gateway_core, args.probe_rounds, gap)
-            for label, gap in (("back_to_back", 0.0), ("idle_gap", gap_ms / 1000))
+            for label, gap in gaps.items()
         }
         results["probe"]["redis_ping_ms"] = ping
         print(
@@ -218,7 +220,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{ping['idle_gap']:.3f} ms after {gap_ms:.1f} ms idle\n"
         )
     results["load_average_at_end"] = list(os.getloadavg())
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "added.json").write_text(json.dumps(results, indent=1) + "\n")
     print(f"bench.added: wrote {args.out / 'added.json'}", file=sys.stderr)
     return 0

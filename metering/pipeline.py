@@ -100,7 +100,7 @@ class ScriptConnection:
         self.timeout_s = timeout_s
         self._options = parse_url(url)
         self._replies: _Replies | None = None
-        self._connecting: asyncio.Lock | None = None
+        self._connecting = asyncio.Lock()
 
     async def _open(self) -> _Replies:
         loop = asyncio.get_running_loop()
@@ -128,8 +128,6 @@ class ScriptConnection:
         replies = self._replies
         if replies is not None and replies.lost is None:
             return replies
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
         async with self._connecting:
             if self._replies is None or self._replies.lost is not None:
                 self._replies = await self._open()

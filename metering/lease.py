@@ -4,13 +4,11 @@ The stream reports vLLM's cumulative usage on every chunk. When half a lease is 
 lease is asked for in the background, so a stream that has budget never waits for Redis. A
 refusal cuts the stream at once, with half a lease still held: that half pays for the tokens
 vLLM generates before it sees the cut, so a cut stream stays within what it held as long as
-vLLM's lag behind the proxy is under half a lease. Independently, the lease
-expiry is refreshed (and the observed usage recorded) every third of the lease TTL, so the
-reaper never takes a live stream's reservation.
+vLLM's lag behind the proxy is under half a lease. The lease expiry of every request in flight
+(streamed or not, queued or generating) is refreshed by the gateway's refresher, not here.
 """
 
 import asyncio
-import time
 
 from metering.meter import Meter, MeterUnavailable, Reservation
 
@@ -45,26 +43,22 @@ class StreamBudget:
         self.granted_leases = 0
         self.refused = False
         self._pending: asyncio.Task[None] | None = None
-        self._last_touch = time.monotonic()
         self._prompt = 0
+        self._cached = 0
         self._completion = 0
 
     @property
     def leased(self) -> bool:
         return self.lease is not None and self.counts_completion and self.meter is not None
 
-    def observe(self, prompt_tokens: int, completion_tokens: int) -> None:
-        """Record vLLM's cumulative usage; start an extension or a refresh when one is due."""
-        self._prompt, self._completion = prompt_tokens, completion_tokens
-        if self.meter is None or self.reservation is None or self._pending is not None:
+    def observe(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> None:
+        """Record vLLM's cumulative usage; start an extension when one is due."""
+        self._prompt, self._cached, self._completion = prompt_tokens, cached_tokens, completion_tokens
+        if not self.leased or self.refused or self._pending is not None or self.limit >= self.ceiling:
             return
-        if self.leased and not self.refused and self.limit < self.ceiling:
-            assert self.lease is not None
-            if completion_tokens >= self.limit - self.lease // 2:
-                self._pending = asyncio.create_task(self._extend())
-                return
-        if time.monotonic() - self._last_touch > self.meter.lease_ttl_s / 3:
-            self._pending = asyncio.create_task(self._touch())
+        assert self.lease is not None
+        if completion_tokens >= self.limit - self.lease // 2:
+            self._pending = asyncio.create_task(self._extend())
 
     async def admit(self, completion_tokens: int) -> bool:
         """Whether a chunk bringing the stream to `completion_tokens` may be delivered.
@@ -95,9 +89,9 @@ class StreamBudget:
                 want_min=1,
                 want_max=want,
                 prompt_tokens=self._prompt,
+                cached_tokens=self._cached,
                 completion_tokens=self._completion,
             )
-            self._last_touch = time.monotonic()
             if answer.gone or answer.granted == 0:
                 self.refused = True
             else:
@@ -108,21 +102,5 @@ class StreamBudget:
                 self.limit += want
             else:
                 self.refused = True
-        finally:
-            self._pending = None
-
-    async def _touch(self) -> None:
-        assert self.meter is not None and self.reservation is not None
-        try:
-            await self.meter.extend(
-                self.reservation,
-                want_min=0,
-                want_max=0,
-                prompt_tokens=self._prompt,
-                completion_tokens=self._completion,
-            )
-            self._last_touch = time.monotonic()
-        except MeterUnavailable:
-            self._last_touch = time.monotonic()
         finally:
             self._pending = None

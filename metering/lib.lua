@@ -5,6 +5,30 @@
 -- sum of its fields in [lo, +inf); fields older than lo - 1 are dropped when touched.
 -- A reservation record (JSON in the user's `res` hash) lists its grants, newest last, each with
 -- the (key, field) slots it was added to, so that refunds and charges land where they were held.
+-- The record carries the request's prices as nano-units per token (`rp` uncached prompt, `rcp`
+-- cached prompt, `rc` completion), computed by policies/pricing.py: scripts only apply them.
+
+-- Refuse an argument that would break a script's invariant (a caller's bug) before any write:
+-- the reply is an error starting with CAPGATE_ARG.
+local function need(ok, what)
+  if not ok then error({err = 'CAPGATE_ARG ' .. what}) end
+end
+
+-- ARGV[i] as an integer >= lo, or a refusal naming it.
+local function int_arg(i, lo, name)
+  local n = tonumber(ARGV[i])
+  need(n ~= nil and n == math.floor(n) and n >= lo, name .. ' must be an integer >= ' .. lo)
+  return n
+end
+
+-- The window arguments from ARGV[first], `per` values per window: each a non-negative integer.
+local function window_args(first, per)
+  for i = first, #ARGV do int_arg(i, 0, 'window argument ' .. (math.floor((i - first) / per) + 1)) end
+end
+
+local function value_of(rec, prompt, cached, completion)
+  return (prompt - cached) * rec.rp + cached * rec.rcp + completion * rec.rc
+end
 
 local function window_used(key, lo)
   local flat = redis.call('HGETALL', key)
@@ -56,9 +80,9 @@ local function settle_grants(rec, counted)
   end
 end
 
-local function add_totals(totals, tier, prompt, cached, completion, value)
+local function add_totals(totals, tier, requests, prompt, cached, completion, value)
   for _, prefix in ipairs({'', 'tier:' .. tier .. ':'}) do
-    redis.call('HINCRBY', totals, prefix .. 'requests', 1)
+    redis.call('HINCRBY', totals, prefix .. 'requests', requests)
     redis.call('HINCRBY', totals, prefix .. 'prompt_tokens', prompt)
     redis.call('HINCRBY', totals, prefix .. 'cached_tokens', cached)
     redis.call('HINCRBY', totals, prefix .. 'completion_tokens', completion)
@@ -76,8 +100,8 @@ local function mark_settled(res, settled, rid, now)
 end
 
 -- Reap the user's reservations whose lease expired before `now`: charge what was last observed,
--- refund the rest, write a ledger event, and keep a tombstone so that a late settle only adds
--- the difference. Returns the number reaped.
+-- refund the rest, write a ledger event, and keep a tombstone (with the event's stream id) so
+-- that a late settle replaces that event and adds only the difference. Returns the number reaped.
 local function reap_expired(res, live, totals, ledger, settled, now)
   local expired = redis.call('ZRANGEBYSCORE', live, '-inf', now - 1)
   for _, rid in ipairs(expired) do
@@ -87,14 +111,15 @@ local function reap_expired(res, live, totals, ledger, settled, now)
       local rec = cjson.decode(raw)
       local counted = rec.op * rec.cp + rec.oc * rec.cc
       settle_grants(rec, counted)
-      local value = rec.op * rec.rp + rec.oc * rec.rc
-      add_totals(totals, rec.t, rec.op, 0, rec.oc, value)
-      redis.call('XADD', ledger, '*', 'request_id', rid, 'user', rec.u, 'tier', rec.t,
-        'model', rec.m, 'prompt_tokens', rec.op, 'cached_tokens', 0,
+      local value = value_of(rec, rec.op, rec.oca, rec.oc)
+      add_totals(totals, rec.t, 1, rec.op, rec.oca, rec.oc, value)
+      rec.entry = redis.call('XADD', ledger, '*', 'request_id', rid, 'user', rec.u, 'tier', rec.t,
+        'model', rec.m, 'prompt_tokens', rec.op, 'cached_tokens', rec.oca,
         'completion_tokens', rec.oc, 'value_nano', value, 'finish_reason', 'expired',
         'ttft_ms', '', 'duration_ms', now - rec.created, 'ts_ms', now)
       rec.state = 'reaped'
       rec.held = counted
+      rec.value = value
       redis.call('HSET', res, rid, cjson.encode(rec))
       mark_settled(res, settled, rid, now)
     end

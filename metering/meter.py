@@ -13,23 +13,28 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from metering.events import UsageEvent
 from metering.keys import LIVE_PATTERN, UserKeys, user_of_key
 from metering.pipeline import ReplyError, ScriptConnection
 from metering.windows import WindowSlot, slot_of
+from policies.pricing import Rates
 from policies.schema import Tier, Window
 
 RedisClient = Redis | RedisCluster
 _HERE = Path(__file__).parent
 _LIB = (_HERE / "lib.lua").read_text()
+REFUSED = "CAPGATE_ARG"  # how a script's error reply for arguments it refuses begins
 
 
 class MeterUnavailable(Exception):
-    """Redis could not be reached (or answered with an error) in time."""
+    """Redis could not be reached in time, or answered with an error (out of memory, read-only
+    replica, busy script, loading, cluster down, ...): the tier's fail mode applies."""
+
+
+class MeterRefused(ValueError):
+    """A script refused its arguments (a caller's bug); nothing was written."""
 
 
 class CapExceeded(Exception):
@@ -132,12 +137,10 @@ class Meter:
             if self.scripts is not None:
                 return await self.scripts.evalsha(script.sha, script.script, keys, args)
             return await script(keys=keys, args=args)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except (RedisError, ReplyError, ConnectionError, TimeoutError, OSError) as exc:
+            if str(exc).startswith(REFUSED):
+                raise MeterRefused(str(exc)) from exc
             raise MeterUnavailable(str(exc) or type(exc).__name__) from exc
-        except (RedisError, ReplyError) as exc:
-            if "NOSCRIPT" in str(exc) or "LOADING" in str(exc):
-                raise MeterUnavailable(str(exc)) from exc
-            raise
 
     async def reserve(self, req: ReserveRequest) -> Reservation:
         """Hold `req.fixed` plus a completion grant in every window, or raise why not."""
@@ -146,13 +149,14 @@ class Meter:
         keys = UserKeys(req.user_id)
         windows = req.tier.caps.windows
         slots = self._slots(windows, now)
-        prices = req.tier.prices
+        rates = Rates.of(req.tier)
         record = {
             "u": req.user_id,
             "t": req.tier_name,
             "m": req.model,
-            "rp": prices.prompt.nano_per_token if prices.prompt else 0,
-            "rc": prices.completion.nano_per_token if prices.completion else 0,
+            "rp": rates.prompt,
+            "rcp": rates.cached_prompt,
+            "rc": rates.completion,
             "cp": int(req.tier.counts("prompt")),
             "cc": int(req.tier.counts("completion")),
         }
@@ -198,6 +202,7 @@ class Meter:
         want_max: int,
         prompt_tokens: int,
         completion_tokens: int,
+        cached_tokens: int = 0,
     ) -> Extension:
         """Grant up to `want_max` more tokens (0 if fewer than `want_min` fit), record the usage
         observed so far and refresh the lease. With `want_max` 0 it only records and refreshes."""
@@ -215,6 +220,7 @@ class Meter:
                 want_min,
                 want_max,
                 prompt_tokens,
+                cached_tokens,
                 completion_tokens,
                 *_window_args(slots),
             ],
@@ -268,8 +274,8 @@ class Meter:
                 expired = await self.redis.zcount(name, "-inf", now_ms - 1)
                 if expired:
                     reaped += await self.reap_user(user_of_key(name))
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise MeterUnavailable(str(exc)) from exc
+        except (RedisError, OSError) as exc:
+            raise MeterUnavailable(str(exc) or type(exc).__name__) from exc
         return reaped
 
     async def ping(self) -> None:

@@ -13,9 +13,16 @@ it (`NOSCRIPT`, e.g. after a restart). A reply that is an error raises `ReplyErr
 within `timeout_s` raises `TimeoutError` (the late reply is dropped when it comes); a refused or
 lost connection raises `ConnectionError` in every call waiting on it, and the next call connects
 again. `redis://` and `unix://` URLs, with a user, password and database.
+
+A peer that vanishes without a reset is detected two ways: `TIMEOUTS_TO_RECONNECT` calls in a
+row that time out drop the connection (the next call opens a new one), and TCP keepalive
+(probes after `KEEPALIVE_IDLE_S` idle) makes the kernel close a dead one. At most
+`max_in_flight` calls wait on the connection at once; one more fails at once with
+`ConnectionError` rather than queue behind a stalled Redis.
 """
 
 import asyncio
+import socket
 from collections import deque
 from collections.abc import Sequence
 from typing import cast
@@ -25,6 +32,24 @@ import hiredis
 from redis.asyncio.connection import parse_url
 
 Arg = str | int | bytes
+TIMEOUTS_TO_RECONNECT = 3
+KEEPALIVE_IDLE_S = 5
+KEEPALIVE_INTERVAL_S = 2
+KEEPALIVE_PROBES = 3
+
+
+def _keep_alive(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_S),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+        ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+    ):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 class ReplyError(Exception):
@@ -93,23 +118,27 @@ class _Replies(asyncio.Protocol):
 class ScriptConnection:
     """Runs Lua scripts on one Redis over one pipelined connection."""
 
-    def __init__(self, url: str, timeout_s: float) -> None:
+    def __init__(self, url: str, timeout_s: float, max_in_flight: int = 4096) -> None:
         if not supports(url):
             raise ValueError(f"not a redis:// or unix:// URL: {url}")
         self.url = url
         self.timeout_s = timeout_s
+        self.max_in_flight = max_in_flight
         self._options = parse_url(url)
         self._replies: _Replies | None = None
         self._connecting = asyncio.Lock()
+        self._timeouts_in_a_row = 0
 
     async def _open(self) -> _Replies:
         loop = asyncio.get_running_loop()
         options = self._options
         if "path" in options:
-            _, replies = await loop.create_unix_connection(_Replies, options["path"])
+            transport, replies = await loop.create_unix_connection(_Replies, options["path"])
         else:
             host, port = options.get("host", "127.0.0.1"), options.get("port", 6379)
-            _, replies = await loop.create_connection(_Replies, host, port)
+            transport, replies = await loop.create_connection(_Replies, host, port)
+            _keep_alive(transport)
+        self._timeouts_in_a_row = 0
         greeting: list[asyncio.Future[object]] = []
         if options.get("password"):
             user = [options["username"]] if options.get("username") else []
@@ -134,9 +163,16 @@ class ScriptConnection:
             return self._replies
 
     async def _call(self, command: tuple[Arg, ...]) -> object:
-        async with asyncio.timeout(self.timeout_s):
-            replies = await self._connection()
-            reply = await replies.send(hiredis.pack_command(command))
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                replies = await self._connection()
+                if len(replies.waiting) >= self.max_in_flight:
+                    raise ConnectionError(f"{self.max_in_flight} redis calls already in flight")
+                reply = await replies.send(hiredis.pack_command(command))
+        except TimeoutError:
+            self._timed_out()
+            raise
+        self._timeouts_in_a_row = 0
         if isinstance(reply, hiredis.ReplyError):
             raise ReplyError(str(reply))
         return reply
@@ -151,6 +187,16 @@ class ScriptConnection:
                 raise
         await self._call(("SCRIPT", "LOAD", source))
         return await self._call(command)
+
+    def _timed_out(self) -> None:
+        """Count a call that timed out; drop the connection after too many in a row."""
+        self._timeouts_in_a_row += 1
+        replies = self._replies
+        if self._timeouts_in_a_row >= TIMEOUTS_TO_RECONNECT and replies is not None:
+            self._timeouts_in_a_row = 0
+            if replies.transport is not None:
+                replies.transport.abort()
+            replies.connection_lost(TimeoutError(f"{TIMEOUTS_TO_RECONNECT} calls in a row timed out"))
 
     async def aclose(self) -> None:
         """Close the connection; calls still waiting fail with `ConnectionError`."""

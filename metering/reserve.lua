@@ -13,12 +13,17 @@
 -- ARGV[9..] per window: cap, current slot, lowest live slot, key ttl (s)
 -- Returns {1, granted, left after grant (-1: no window caps)} or {0, 'cap', window index, used, oldest slot}
 --      or {0, 'concurrency', live count}.
+-- Refuses (CAPGATE_ARG error, nothing written) a negative or non-integer number, a grant range
+-- with want_max < want_min, or window arguments that are not four per window.
 -- Invariant: for every window, sum of live slots <= cap after a grant; every held token is in
--- exactly one record's grants; the user's keys share one hash slot ({u:ID}).
+-- exactly one record's grants, and every grant is >= 0; the user's keys share one hash slot ({u:ID}).
 local res, live, totals, ledger, settled = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local rid, now, expires = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local fixed, want_min, want_max = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local max_live = tonumber(ARGV[7])
+local rid, now, expires = ARGV[1], int_arg(2, 0, 'now'), int_arg(3, 0, 'expiry')
+local fixed, want_min = int_arg(4, 0, 'fixed'), int_arg(5, 0, 'want_min')
+local want_max = int_arg(6, want_min, 'want_max')
+local max_live = int_arg(7, 0, 'concurrency limit')
+need(#ARGV - 8 == (#KEYS - 5) * 4, 'four window arguments per window key')
+window_args(9, 4)
 
 reap_expired(res, live, totals, ledger, settled, now)
 
@@ -64,7 +69,7 @@ add_to_slots(slots, fixed + grant, ttl)
 local rec = cjson.decode(ARGV[8])
 rec.held = fixed + grant
 rec.grants = {{n = fixed + grant, slots = slots}}
-rec.op, rec.oc, rec.created, rec.ttl = 0, 0, now, ttl
+rec.op, rec.oca, rec.oc, rec.created, rec.ttl = 0, 0, 0, now, ttl
 redis.call('HSET', res, rid, cjson.encode(rec))
 redis.call('ZADD', live, expires, rid)
 local left = -1

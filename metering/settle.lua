@@ -11,19 +11,21 @@
 -- ARGV[4] prompt   ARGV[5] cached   ARGV[6] completion   ARGV[7] value (nano)   ARGV[8] tier
 -- ARGV[9] number of event field/value pairs, then the pairs, then per window: current slot,
 --         key ttl (s)
--- Returns 'ok', 'late' (reaped before; only the difference was added) or 'duplicate'.
--- Invariant: a request id is charged at most once in full: settle and reap never both count.
+-- Returns 'ok', 'late' (reaped before: the reaper's event is replaced by this one and only the
+-- difference is added to caps and totals) or 'duplicate'.
+-- Refuses (CAPGATE_ARG error, nothing written) negative or non-integer numbers, cached > prompt.
+-- Invariant: a request id is charged at most once in full (settle and reap never both count) and
+-- has at most one event in the ledger.
 local res, live, totals, ledger, settled = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local rid, now, counted = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local prompt, cached, completion = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local value, tier = tonumber(ARGV[7]), ARGV[8]
-local npairs = tonumber(ARGV[9])
+local rid, now, counted = ARGV[1], int_arg(2, 0, 'now'), int_arg(3, 0, 'counted')
+local prompt, cached, completion = int_arg(4, 0, 'prompt'), int_arg(5, 0, 'cached'), int_arg(6, 0, 'completion')
+local value, tier = int_arg(7, 0, 'value'), ARGV[8]
+local npairs = int_arg(9, 0, 'event pairs')
+need(cached <= prompt, 'cached tokens are part of the prompt tokens')
+need(#ARGV - 9 - npairs * 2 == (#KEYS - 5) * 2, 'two window arguments per window key')
+window_args(10 + npairs * 2, 2)
 local event = {}
 for i = 10, 9 + npairs * 2 do event[#event + 1] = ARGV[i] end
-
-local function append_event(fields)
-  redis.call('XADD', ledger, '*', unpack(fields))
-end
 
 local raw = redis.call('HGET', res, rid)
 local rec = nil
@@ -31,23 +33,13 @@ if raw then rec = cjson.decode(raw) end
 
 if redis.call('ZSCORE', settled, rid) then
   if rec == nil or rec.state ~= 'reaped' then return 'duplicate' end
-  -- Reaped earlier at what was observed then: add only what came after.
-  local dp, dc = math.max(0, prompt - rec.op), math.max(0, completion - rec.oc)
-  settle_grants(rec, rec.held + dp * rec.cp + dc * rec.cc)
-  local dvalue = dp * rec.rp + dc * rec.rc
-  add_totals(totals, tier, dp, 0, dc, dvalue)
-  redis.call('HINCRBY', totals, 'requests', -1)
-  redis.call('HINCRBY', totals, 'tier:' .. tier .. ':requests', -1)
-  local late = {}
-  for i = 1, #event, 2 do
-    local k, v = event[i], event[i + 1]
-    if k == 'prompt_tokens' then v = dp elseif k == 'cached_tokens' then v = 0
-    elseif k == 'completion_tokens' then v = dc elseif k == 'value_nano' then v = dvalue
-    elseif k == 'finish_reason' then v = v .. '+late' end
-    late[#late + 1] = k
-    late[#late + 1] = v
-  end
-  append_event(late)
+  -- Reaped earlier at what was observed then: charge what came after, replace the event.
+  settle_grants(rec, math.max(counted, rec.held))
+  local dp, dca = math.max(0, prompt - rec.op), math.max(0, cached - rec.oca)
+  local dc = math.max(0, completion - rec.oc)
+  add_totals(totals, tier, 0, dp, dca, dc, math.max(0, value - rec.value))
+  if rec.entry then redis.call('XDEL', ledger, rec.entry) end
+  redis.call('XADD', ledger, '*', unpack(event))
   redis.call('HDEL', res, rid)
   return 'late'
 end
@@ -67,7 +59,7 @@ else
   end
   add_to_slots(slots, counted, ttl)
 end
-add_totals(totals, tier, prompt, cached, completion, value)
-append_event(event)
+add_totals(totals, tier, 1, prompt, cached, completion, value)
+redis.call('XADD', ledger, '*', unpack(event))
 mark_settled(res, settled, rid, now)
 return 'ok'

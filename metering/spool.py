@@ -4,11 +4,20 @@ Each process appends to its own file (`<dir>/spool-<pid>-<id>.jsonl`), one JSON 
 fsync'd before the append returns, and holds an exclusive lock on it while it lives. Replay
 takes every file it can lock: its own rotated files and those of dead processes. Settlement is
 idempotent by request id in Redis, so a line replayed twice is charged once.
+
+Crash safety: an append is one `write` then `fsync`; a crash mid-write leaves a torn last line,
+which reading skips (that event's append had not returned, so its settlement had not either). A
+rewrite goes to a temporary file that is fsync'd before it replaces the original, and the
+directory is fsync'd after, so a crash leaves either the old content or the new, never less.
+Events the meter refused (a bug, not an outage) are set aside in `rejected-*.jsonl` for the
+operator, not retried forever. The blocking calls run in a worker thread (`append_async`).
 """
 
+import asyncio
 import fcntl
 import json
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,10 +26,6 @@ from pathlib import Path
 
 from metering.events import UsageEvent
 from policies.schema import Window
-
-
-class SpoolFull(Exception):
-    """The spool reached its size bound; nothing more can be accepted without losing usage."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +60,7 @@ class Spool:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._fd: int | None = None
         self._path: Path | None = None
+        self._lock = threading.Lock()
 
     def _open(self) -> int:
         if self._fd is None:
@@ -67,21 +73,36 @@ class Spool:
         """Bytes spooled and not yet replayed, over all files in the directory."""
         return sum(path.stat().st_size for path in self.directory.glob("spool-*"))
 
+    def full(self) -> bool:
+        """Whether the spool reached `max_bytes`: no new request may then be served without
+        Redis. Settlements of requests already served are always written (losing them is worse)."""
+        return self.size() >= self.max_bytes
+
     def append(self, item: SpooledSettlement) -> None:
-        """Write `item` durably, or raise `SpoolFull`."""
+        """Write `item` durably (blocking: fsync)."""
         line = item.to_line()
-        if self.size() + len(line) > self.max_bytes:
-            raise SpoolFull(f"usage spool at {self.directory} is full ({self.max_bytes} bytes)")
-        fd = self._open()
-        os.write(fd, line)
-        os.fsync(fd)
+        with self._lock:
+            fd = self._open()
+            _write_all(fd, line)
+            os.fsync(fd)
+
+    async def append_async(self, item: SpooledSettlement) -> None:
+        """`append` in a worker thread, off the event loop."""
+        await asyncio.to_thread(self.append, item)
+
+    def set_aside(self, items: list[SpooledSettlement]) -> Path:
+        """Keep events the meter refused in a file of their own, for the operator."""
+        path = self.directory / f"rejected-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+        _write_durably(path, b"".join(item.to_line() for item in items))
+        return path
 
     def _rotate(self) -> None:
-        if self._fd is not None and self._path is not None:
-            self._path.rename(self._path.with_suffix(".ready"))
-            os.close(self._fd)
-            self._fd = None
-            self._path = None
+        with self._lock:
+            if self._fd is not None and self._path is not None:
+                self._path.rename(self._path.with_suffix(".ready"))
+                os.close(self._fd)
+                self._fd = None
+                self._path = None
 
     @contextmanager
     def claim(self) -> Iterator[list[Path]]:
@@ -117,8 +138,29 @@ def read_items(path: Path) -> list[SpooledSettlement]:
     return items
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _write_durably(path: Path, content: bytes) -> None:
+    """Make `path` hold `content` after any crash: the old content or the new, never less."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        _write_all(fd, content)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 def rewrite(path: Path, items: list[SpooledSettlement]) -> None:
     """Replace a claimed spool file's content with `items` (the ones not yet replayed)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(b"".join(item.to_line() for item in items))
-    os.replace(tmp, path)
+    _write_durably(path, b"".join(item.to_line() for item in items))

@@ -9,6 +9,10 @@ class PromptOverCap(ValueError):
     """The prompt alone is over the tier's per-request cap."""
 
 
+class OutputsOverCap(ValueError):
+    """The tier's per-request cap leaves less than one completion token per output."""
+
+
 @dataclass(frozen=True, slots=True)
 class BudgetPlan:
     """What to reserve for one request.
@@ -40,7 +44,11 @@ def plan_budget(
 
     `asked` is the client's max_tokens (None when absent), `room` the model context left for a
     completion. Leases apply to streams only: a non-streamed response cannot be cut mid-way.
+    Every number of the plan is at least 0 (a negative one would lend budget to other requests):
+    `asked`, `room` and `outputs` below 1, or a negative `prompt_bound`, are a caller's bug.
     """
+    if prompt_bound < 0 or room < 1 or outputs < 1 or (asked is not None and asked < 1):
+        raise ValueError(f"plan_budget: out of range ({prompt_bound=}, {asked=}, {room=}, {outputs=})")
     fixed = prompt_bound if tier.counts("prompt") else 0
     per_request = tier.caps.per_request
     if per_request is not None and fixed > per_request:
@@ -54,6 +62,16 @@ def plan_budget(
         ceiling = min(ceiling, per_request - fixed)
     if not tier.counts("completion"):
         return BudgetPlan(fixed, ceiling, 0, 0, False)
+    if ceiling < outputs:
+        raise OutputsOverCap(
+            f"{outputs} outputs need at least one completion token each; the tier's per-request cap "
+            f"leaves {max(ceiling, 0)} after the prompt"
+        )
     leased = streaming and tier.lease_tokens is not None and tier.lease_tokens < ceiling
     first = min(tier.lease_tokens, ceiling) if leased and tier.lease_tokens else ceiling
     return BudgetPlan(fixed, ceiling, first, min(outputs, first), leased)
+
+
+def per_output_limit(allowance: int, outputs: int) -> int:
+    """The `max_tokens` of each of `outputs` sequences sharing a completion `allowance`."""
+    return allowance // outputs

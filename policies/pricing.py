@@ -14,19 +14,37 @@ class Usage:
     cached_tokens: int = 0
 
 
-def value_nano(tier: Tier, usage: Usage) -> int:
-    """The value of `usage` at `tier`'s prices, in nano-units of the policy currency.
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """A tier's prices in nano-units of the policy currency per token. The only place prices are
+    derived: settlement applies them here, and the reaper's Lua applies the same three numbers,
+    carried in each reservation record, to what it last observed."""
 
-    Cached prompt tokens are priced at `cached_prompt` when it is set, else at `prompt`.
-    """
-    prices = tier.prices
-    prompt_rate = prices.prompt.nano_per_token if prices.prompt else 0
-    cached_rate = prices.cached_prompt.nano_per_token if prices.cached_prompt else prompt_rate
-    completion_rate = prices.completion.nano_per_token if prices.completion else 0
-    uncached = usage.prompt_tokens - usage.cached_tokens
-    return (
-        uncached * prompt_rate + usage.cached_tokens * cached_rate + usage.completion_tokens * completion_rate
-    )
+    prompt: int
+    cached_prompt: int
+    completion: int
+
+    @classmethod
+    def of(cls, tier: Tier) -> "Rates":
+        """Cached prompt tokens cost `cached_prompt` when it is set, else `prompt`."""
+        prices = tier.prices
+        prompt = prices.prompt.nano_per_token if prices.prompt else 0
+        cached = prices.cached_prompt.nano_per_token if prices.cached_prompt else prompt
+        completion = prices.completion.nano_per_token if prices.completion else 0
+        return cls(prompt, cached, completion)
+
+    def value(self, usage: Usage) -> int:
+        uncached = usage.prompt_tokens - usage.cached_tokens
+        return (
+            uncached * self.prompt
+            + usage.cached_tokens * self.cached_prompt
+            + usage.completion_tokens * self.completion
+        )
+
+
+def value_nano(tier: Tier, usage: Usage) -> int:
+    """The value of `usage` at `tier`'s prices, in nano-units of the policy currency."""
+    return Rates.of(tier).value(usage)
 
 
 def counted_tokens(tier: Tier, usage: Usage) -> int:

@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from proxy import metrics
+from proxy import background, metrics
 from proxy.errors import rate_limited
 from proxy.settings import Admission as AdmissionSettings
 from proxy.upstream import Load, UpstreamPool
@@ -114,16 +114,9 @@ class Admission:
                 waiter.ready.set_result(None)
                 self._released += 1
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.interval_s / 2)
-            self._release()
-
     def start(self) -> None:
         if self.settings.enabled:
-            self._pump = asyncio.create_task(self._run())
+            self._pump = background.start("admission", self.settings.interval_s / 2, self._release)
 
     async def stop(self) -> None:
-        if self._pump is not None:
-            self._pump.cancel()
-            await asyncio.gather(self._pump, return_exceptions=True)
+        await background.stop(self._pump)

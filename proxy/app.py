@@ -1,6 +1,5 @@
 """The ASGI application: routes, and the lifespan that owns every shared client and task."""
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -11,7 +10,6 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from metering import pipeline
 from metering.meter import Meter, MeterUnavailable, RedisClient
@@ -19,10 +17,12 @@ from metering.pipeline import ScriptConnection
 from metering.settler import Settler
 from metering.spool import Spool
 from metering.usage import export_text, ledger_events, tier_totals, user_usage
-from proxy import metrics
+from proxy import background, metrics
 from proxy.admission import Admission
 from proxy.errors import APIError, unauthorized
-from proxy.gateway import Gateway, bearer_key
+from proxy.gateway import Gateway
+from proxy.inbound import bearer_key
+from proxy.openai.api_router import openai_routes
 from proxy.policy_store import PolicyStore
 from proxy.settings import Settings, load_settings
 from proxy.transport import Http1Transport
@@ -50,18 +50,17 @@ def script_connection(settings: Settings) -> ScriptConnection | None:
     `redis://` or `unix://` URL (a cluster or TLS runs them through `redis_client`)."""
     if settings.redis_cluster or not pipeline.supports(settings.redis_url):
         return None
-    return ScriptConnection(settings.redis_url, settings.timeouts.redis_s)
+    return ScriptConnection(settings.redis_url, settings.timeouts.redis_s, settings.redis_max_in_flight)
 
 
-async def _housekeeping(gateway: Gateway, interval_s: float) -> None:
-    """Reap expired reservations and replay the spool, forever."""
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            await gateway.meter.reap_all()
-            await gateway.settler.replay()
-        except MeterUnavailable as exc:
-            log.debug("housekeeping skipped: redis unavailable (%s)", exc)
+async def _housekeeping(gateway: Gateway) -> None:
+    """Reap expired reservations and replay the spool."""
+    try:
+        await gateway.meter.reap_all()
+        await gateway.settler.replay()
+    except MeterUnavailable as exc:
+        log.debug("housekeeping skipped: redis unavailable (%s)", exc)
+    finally:
         metrics.SPOOL_BYTES.set(gateway.settler.spool.size())
 
 
@@ -87,12 +86,15 @@ def create_app(settings: Settings) -> FastAPI:
         await pool.start()
         admission.start()
         policies.start()
-        housekeeping = asyncio.create_task(_housekeeping(gateway, settings.reap_interval_s))
+        loops = [
+            background.start("housekeeping", settings.reap_interval_s, lambda: _housekeeping(gateway)),
+            background.start("lease_refresh", settings.lease_ttl_s / 3, gateway.refresh),
+        ]
         try:
             yield
         finally:
-            housekeeping.cancel()
-            await asyncio.gather(housekeeping, return_exceptions=True)
+            for loop in loops:
+                await background.stop(loop)
             await gateway.shutdown()
             await policies.stop()
             await admission.stop()
@@ -111,13 +113,7 @@ def create_app(settings: Settings) -> FastAPI:
     def gateway_of(request: Request) -> Gateway:
         return request.app.state.gateway
 
-    async def generate(request: Request) -> Response:
-        return await gateway_of(request).handle(request)
-
-    # The hot routes are plain Starlette routes: FastAPI's dependency and response handling per
-    # request buys nothing for a handler that takes the raw request and returns its own Response.
-    app.router.routes.append(Route("/v1/chat/completions", generate, methods=["POST"]))
-    app.router.routes.append(Route("/v1/completions", generate, methods=["POST"]))
+    app.router.routes.extend(openai_routes(gateway_of))
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

@@ -97,6 +97,11 @@ PROMPT_BOUND_EXCEEDED = Counter(
     "capgate_prompt_bound_exceeded",
     "Settled requests whose real prompt tokens exceeded the reserved bound.",
 )
+BACKGROUND_ERRORS = Counter(
+    "capgate_background_errors",
+    "Steps of a background loop that raised (logged with a traceback; the loop goes on), by loop.",
+    ["loop"],
+)
 BUILD = Gauge("capgate_build_info", "Always 1; the version of capgate.", ["version"], multiprocess_mode="max")
 BUILD.labels(version=__version__).set(1)
 

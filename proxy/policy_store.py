@@ -12,7 +12,7 @@ from pathlib import Path
 
 from policies.index import PolicyIndex
 from policies.loader import ConfigError, load_policy
-from proxy import metrics
+from proxy import background, metrics
 
 log = logging.getLogger("capgate.policy")
 
@@ -57,20 +57,16 @@ class PolicyStore:
         log.info("policy reloaded from %s", self.path)
         return True
 
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_s)
-            if self._file_stamp() != self._stamp:
-                self.reload()
+    def _check(self) -> None:
+        if self._file_stamp() != self._stamp:
+            self.reload()
 
     def start(self) -> None:
         """Watch the file and reload on SIGHUP (this process)."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        self._watcher = asyncio.create_task(self._watch())
+        self._watcher = background.start("policy_watch", self.poll_s, self._check)
 
     async def stop(self) -> None:
         asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
+        await background.stop(self._watcher)

@@ -12,12 +12,12 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from enum import Enum
 from time import monotonic
 
 import httpx
 
 from metering.lease import StreamBudget
+from proxy.openai.protocol import UsageMode
 
 _USAGE = b',"usage":'
 _DONE = b"data: [DONE]"
@@ -27,21 +27,6 @@ _FINGERPRINT = b',"system_fingerprint":'
 _decoder = json.JSONDecoder()
 DRAIN_READ_S = 0.005
 DRAIN_TOTAL_S = 1.0
-
-
-class UsageMode(Enum):
-    """What the client asked for in `stream_options`."""
-
-    NONE = "none"
-    FINAL = "final"
-    CONTINUOUS = "continuous"
-
-    @classmethod
-    def of(cls, body: dict) -> "UsageMode":
-        options = body.get("stream_options") or {}
-        if not isinstance(options, dict) or not options.get("include_usage"):
-            return cls.NONE
-        return cls.CONTINUOUS if options.get("continuous_usage_stats") else cls.FINAL
 
 
 def split_usage(payload: bytes) -> tuple[dict | None, bytes]:
@@ -81,10 +66,11 @@ class StreamTally:
         self.open_choices = set(range(self.outputs))
 
     def record(self, usage: dict) -> None:
-        self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        completion = int(usage.get("completion_tokens") or 0)
+        """Take vLLM's cumulative `usage` (counts kept non-negative, cached within the prompt)."""
+        self.prompt_tokens = max(0, int(usage.get("prompt_tokens") or 0))
+        completion = max(0, int(usage.get("completion_tokens") or 0))
         details = usage.get("prompt_tokens_details") or {}
-        self.cached_tokens = int(details.get("cached_tokens") or 0)
+        self.cached_tokens = min(self.prompt_tokens, max(0, int(details.get("cached_tokens") or 0)))
         if completion > self.completion_tokens:
             now = monotonic()
             if self.first_token_at is None:
@@ -185,7 +171,7 @@ async def relay(
             usage, stripped = split_usage(payload)
             if usage is not None:
                 tally.record(usage)
-                budget.observe(tally.prompt_tokens, tally.completion_tokens)
+                budget.observe(tally.prompt_tokens, tally.cached_tokens, tally.completion_tokens)
                 if not final and not await budget.admit(tally.completion_tokens):
                     tally.cut = True
                     await _drain(reads, tally, buffer)

@@ -68,6 +68,9 @@ class Settings(_Section):
     # Connections to Redis (per cluster node); a request holds one at a time, so this bounds the
     # requests metered at once. When all are busy a call waits for one, within `timeouts.redis_s`.
     redis_max_connections: Annotated[int, Field(gt=0)] = 512
+    # Script calls waiting on the pipelined connection at once; one more fails at once (the tier's
+    # fail mode applies) rather than queue behind a stalled Redis.
+    redis_max_in_flight: Annotated[int, Field(gt=0)] = 4096
     policy_file: str = "deploy/policies/example.yaml"
     policy_poll_s: Annotated[float, Field(gt=0)] = 1.0
     max_body_bytes: Annotated[int, Field(gt=0)] = 1 << 20

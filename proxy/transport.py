@@ -12,8 +12,12 @@ Contract, as httpx expects of a transport:
 - failures raise httpx's exceptions: `ConnectError`, `ConnectTimeout`, `ReadTimeout` (no answer,
   or no next piece of it, within the read timeout), `ReadError`, `RemoteProtocolError`. A request
   is handed to the socket in one write, so a stalled upstream shows as a `ReadTimeout`.
-A request on a reused connection that the server closed before answering is sent once more on a
-new connection (keep-alive race; vLLM closes idle connections after 5 s).
+A request is never sent twice: once its bytes were handed to a socket the server may have read
+them (and a generation may be running), so a connection that closes before the response begins
+is a `RemoteProtocolError`, never a resend. The keep-alive race this leaves (the server closing
+an idle connection as a request is written) is avoided by not reusing a connection idle longer
+than `keepalive_expiry` (4 s; vLLM closes idle connections after 5 s) or one whose close has
+already arrived.
 """
 
 import asyncio
@@ -219,12 +223,8 @@ class Http1Transport(httpx.AsyncBaseTransport):
         payload = _serialize(request, await _body(request))
         connection = self._reuse(origin)
         try:
-            if connection is not None:
-                try:
-                    return await self._exchange(connection, payload, request, timeouts)
-                except _Closed:
-                    connection = None
-            connection = await self._connect(origin, timeouts.get("connect"))
+            if connection is None:
+                connection = await self._connect(origin, timeouts.get("connect"))
             try:
                 return await self._exchange(connection, payload, request, timeouts)
             except _Closed:

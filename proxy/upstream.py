@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from metering.prompt import TemplateOverhead
+from proxy import background
 from proxy.settings import Settings, Upstream
 
 log = logging.getLogger("capgate.upstream")
@@ -145,18 +146,25 @@ class UpstreamPool:
         return await self._count(state.upstream.url, payload)
 
     async def refresh_all(self) -> None:
-        await asyncio.gather(*(self.refresh(state) for state in self.states))
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.admission.interval_s)
-            await self.refresh_all()
+        """Refresh every upstream; one that fails in an unexpected way is marked unhealthy (its
+        answers cannot be trusted) and the error raised after the others were refreshed."""
+        results = await asyncio.gather(
+            *(self.refresh(state) for state in self.states), return_exceptions=True
+        )
+        errors = [
+            (state, r) for state, r in zip(self.states, results, strict=True) if isinstance(r, Exception)
+        ]
+        for state, _ in errors:
+            state.healthy = False
+        if errors:
+            raise errors[0][1]
 
     async def start(self) -> None:
-        await self.refresh_all()
-        self._poller = asyncio.create_task(self._poll())
+        try:
+            await self.refresh_all()
+        except Exception as exc:
+            log.error("first read of the upstreams failed: %r", exc, exc_info=exc)
+        self._poller = background.start("upstream_poll", self.settings.admission.interval_s, self.refresh_all)
 
     async def stop(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
+        await background.stop(self._poller)

@@ -17,11 +17,12 @@ class RelayProxy:
     """A small HTTP reverse proxy in front of vLLM, on its own thread and event loop.
 
     One request per connection (it asks vLLM for `connection: close`), the requested paths are
-    counted in `paths`. With `hide_metrics` it answers `GET /metrics` with a 404 itself, so vLLM
-    serves everything but its load cannot be read. With `bytes_per_s` it hands generations on at
-    that rate, as a slow link would: vLLM generates as fast as ever (and may deliver a whole
-    stream at once when its API process is starved of CPU), but a stream stays in flight in
-    capgate for a predictable time.
+    counted in `paths` and the `x-request-id` of each generation request in `request_ids` (an id
+    counted twice is a request vLLM was sent twice). With `hide_metrics` it answers `GET /metrics`
+    with a 404 itself, so vLLM serves everything but its load cannot be read. With `bytes_per_s`
+    it hands generations on at that rate, as a slow link would: vLLM generates as fast as ever
+    (and may deliver a whole stream at once when its API process is starved of CPU), but a stream
+    stays in flight in capgate for a predictable time.
     """
 
     def __init__(self, target: str, *, hide_metrics: bool = False, bytes_per_s: int | None = None) -> None:
@@ -31,6 +32,7 @@ class RelayProxy:
         self.bytes_per_s = bytes_per_s
         self.port = free_port()
         self.paths: Counter[str] = Counter()
+        self.request_ids: Counter[str] = Counter()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
@@ -73,6 +75,11 @@ class RelayProxy:
         request_line, *headers = head[:-4].split(b"\r\n")
         path = request_line.split(b" ")[1].decode()
         self.paths[path] += 1
+        if path in GENERATION_PATHS:
+            for line in headers:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"x-request-id":
+                    self.request_ids[value.strip().decode()] += 1
         if self.hide_metrics and path == "/metrics":
             writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
             await writer.drain()

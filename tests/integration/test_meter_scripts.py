@@ -4,20 +4,32 @@ exactly-once settlement, the reaper, and the spool that carries usage through an
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from harness import RedisServer
+from harness import RedisServer, free_port
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from metering.events import UsageEvent
-from metering.meter import CapExceeded, ConcurrencyExceeded, Meter, MeterUnavailable, ReserveRequest
+from metering.meter import (
+    CapExceeded,
+    ConcurrencyExceeded,
+    Meter,
+    MeterRefused,
+    MeterUnavailable,
+    ReserveRequest,
+)
+from metering.pipeline import ScriptConnection
 from metering.settler import Settler
 from metering.spool import Spool
+from policies.pricing import Usage, value_nano
 from policies.schema import Tier
 
 pytestmark = pytest.mark.integration
@@ -151,7 +163,7 @@ def test_leases_extend_within_the_cap_and_then_refuse(redis_url: str) -> None:
     run(scenario, redis_url)
 
 
-def test_reaper_returns_an_expired_reservation_and_a_late_settle_adds_only_the_rest(redis_url: str) -> None:
+def test_reaper_returns_an_expired_reservation_and_a_late_settle_replaces_its_event(redis_url: str) -> None:
     async def scenario(redis: Redis) -> None:
         clock = Clock()
         meter = Meter(redis, lease_ttl_s=10, clock=clock)
@@ -164,8 +176,8 @@ def test_reaper_returns_an_expired_reservation_and_a_late_settle_adds_only_the_r
         assert await meter.settle(event("r1", 10, 50), TIER.caps.windows) == "late"
         assert await window_used(redis, "day") == 60
         entries = await redis.xrange("cg:{u:alice}:ledger")
-        billed = sum(int(f[b"completion_tokens"]) for _, f in entries)
-        assert billed == 50 and len(entries) == 2
+        assert len(entries) == 1  # one row per request: the reaper's, replaced by the real one
+        assert entries[0][1][b"completion_tokens"] == b"50" and entries[0][1][b"finish_reason"] == b"stop"
         totals = await redis.hgetall("cg:{u:alice}:totals")
         assert int(totals[b"completion_tokens"]) == 50 and int(totals[b"requests"]) == 1
         assert await meter.settle(event("r1", 10, 50), TIER.caps.windows) == "duplicate"
@@ -233,3 +245,109 @@ def test_spool_carries_settlements_through_an_outage(redis_server: RedisServer, 
         asyncio.run(scenario())
     finally:
         server.close()
+
+
+@pytest.mark.parametrize(
+    ("fixed", "want_min", "want_max"),
+    [(-100000, 1, 400), (10, -5, 400), (10, 1, -100000), (10, 5, 4), (10, 1, 0.5)],
+    ids=["negative-fixed", "negative-min", "negative-grant", "max-below-min", "fraction"],
+)
+def test_reserve_refuses_arguments_that_would_lend_budget(
+    redis_url: str, fixed: int, want_min: int, want_max: int
+) -> None:
+    """The scripts are the last line: a caller bug cannot make a hold negative."""
+
+    async def scenario(redis: Redis) -> None:
+        meter = Meter(redis)
+        with pytest.raises(MeterRefused):
+            await meter.reserve(
+                ReserveRequest("bad", "alice", "pro", TIER, "tiny", fixed, want_min, want_max)
+            )  # type: ignore[arg-type]
+        assert [k async for k in redis.scan_iter(match="cg:*")] == []
+
+    run(scenario, redis_url)
+
+
+def test_extend_and_settle_refuse_negative_usage(redis_url: str) -> None:
+    async def scenario(redis: Redis) -> None:
+        meter = Meter(redis)
+        held = await meter.reserve(request("r1"))
+        with pytest.raises(MeterRefused):
+            await meter.extend(held, want_min=0, want_max=-50, prompt_tokens=1, completion_tokens=1)
+        with pytest.raises(MeterRefused):
+            await meter.extend(held, want_min=0, want_max=0, prompt_tokens=-1, completion_tokens=1)
+        with pytest.raises(MeterRefused):
+            await meter.settle(event("r1", -10, 5), TIER.caps.windows)
+        assert await window_used(redis, "day") == 410
+        assert await redis.xlen("cg:{u:alice}:ledger") == 0
+
+    run(scenario, redis_url)
+
+
+def test_reaper_prices_cached_prompt_tokens_like_settlement(redis_url: str) -> None:
+    """Prices are derived in one place (policies/pricing.py); the reaper applies the same rates."""
+    tier = Tier.model_validate(
+        {"prices": {"prompt": "1 USD/1M", "cached_prompt": "0.25 USD/1M", "completion": "2 USD/1M"}}
+    )
+
+    async def scenario(redis: Redis) -> None:
+        clock = Clock()
+        meter = Meter(redis, lease_ttl_s=10, clock=clock)
+        held = await meter.reserve(ReserveRequest("c1", "carol", "cached", tier, "tiny", 0, 1, 100))
+        await meter.extend(
+            held, want_min=0, want_max=0, prompt_tokens=512, cached_tokens=384, completion_tokens=7
+        )
+        clock.now += 11
+        assert await meter.reap_all() == 1
+        [(_, fields)] = await redis.xrange("cg:{u:carol}:ledger")
+        expected = value_nano(tier, Usage(prompt_tokens=512, completion_tokens=7, cached_tokens=384))
+        assert int(fields[b"value_nano"]) == expected and fields[b"cached_tokens"] == b"384"
+
+    run(scenario, redis_url)
+
+
+@pytest.mark.parametrize("transport", ["pipelined", "redis-py"])
+@pytest.mark.parametrize("fault", ["oom", "readonly", "busy"])
+def test_redis_error_replies_are_an_outage_for_every_call(transport: str, fault: str, tmp_path: Path) -> None:
+    """Out of memory under noeviction, a read-only replica, a busy script: each is
+    `MeterUnavailable` (the tier's fail mode applies) and settlement spools the usage."""
+    server = RedisServer()
+    server.start()
+    admin = server.client()
+    try:
+        if fault == "oom":
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", 1)
+        elif fault == "readonly":
+            admin.replicaof("127.0.0.1", free_port())  # a primary that is not there: reads only
+        else:
+            admin.config_set("busy-reply-threshold", 50)
+            threading.Thread(target=busy_script, args=(server.url,), daemon=True).start()
+            time.sleep(0.3)
+
+        async def scenario() -> None:
+            redis = Redis.from_url(server.url, socket_timeout=2)
+            scripts = ScriptConnection(server.url, 2.0) if transport == "pipelined" else None
+            meter = Meter(redis, scripts=scripts)
+            with pytest.raises(MeterUnavailable):
+                await meter.reserve(request("r1"))
+            settler = Settler(meter, Spool(tmp_path / "spool", 1 << 20))
+            assert await settler.settle(event("r1", 3, 4), TIER.caps.windows) == "spooled"
+            assert settler.spool.size() > 0
+            if scripts is not None:
+                await scripts.aclose()
+            await redis.aclose()
+
+        asyncio.run(scenario())
+    finally:
+        server.close()
+
+
+def busy_script(url: str) -> None:
+    """Keep Redis busy in a script for about 3 s (other clients get BUSY meanwhile)."""
+    with contextlib.suppress(Exception):
+        SyncRedis.from_url(url).eval(
+            "local t = redis.call('TIME') local e = t[1] + 3 "
+            "while tonumber(redis.call('TIME')[1]) < e do end return 1",
+            0,
+        )

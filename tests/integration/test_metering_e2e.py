@@ -5,7 +5,6 @@ hang-ups billed, Redis Cluster, and a Redis outage under load."""
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import threading
 import time
@@ -21,7 +20,8 @@ import pytest
 from harness import RedisCluster, RedisServer, VllmServer, sample_sum
 from harness.capgate_server import CapgateServer
 from harness.clients import openai_client
-from harness.policies import ADMIN_KEY, key_of, write_policy
+from harness.ledger import generated, usage_left, wait_for_events
+from harness.policies import key_of, write_policy
 from harness.relay_proxy import RelayProxy
 
 pytestmark = pytest.mark.integration
@@ -119,14 +119,6 @@ def metered(
         yield a, b
 
 
-def generated(vllm: VllmServer) -> tuple[float, float]:
-    """vLLM's own counters: (generation tokens, prompt tokens) so far."""
-    samples = vllm.metrics()
-    return sample_sum(samples, "vllm:generation_tokens_total"), sample_sum(
-        samples, "vllm:prompt_tokens_total"
-    )
-
-
 def call(base_url: str, user: str, *, chat: bool, stream: bool, usage: str, max_tokens: int) -> Outcome:
     """One request with the openai SDK; the request id comes from capgate's x-request-id."""
     client = openai_client(base_url, key_of(user))
@@ -153,36 +145,6 @@ def call(base_url: str, user: str, *, chat: bool, stream: bool, usage: str, max_
         for choice in chunk.choices:
             outcome.finish_reason = choice.finish_reason or outcome.finish_reason
     return outcome
-
-
-def ledger(server: CapgateServer, user: str | None = None) -> list[dict]:
-    reply = httpx.get(
-        f"{server.base_url}/admin/ledger",
-        params={"format": "jsonl"},
-        headers={"authorization": f"Bearer {ADMIN_KEY}"},
-        timeout=30,
-    )
-    reply.raise_for_status()
-    events = [json.loads(line) for line in reply.text.splitlines()]
-    return [e for e in events if user is None or e["user"] == user]
-
-
-def wait_for_events(server: CapgateServer, user: str, count: int, timeout: float = 30.0) -> list[dict]:
-    """The user's ledger once it holds `count` events (settlement follows the response)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        events = ledger(server, user)
-        if len(events) >= count or time.monotonic() > deadline:
-            return events
-        time.sleep(0.2)
-
-
-def usage_left(server: CapgateServer, user: str) -> dict[str, int]:
-    reply = httpx.get(
-        f"{server.base_url}/v1/usage", headers={"authorization": f"Bearer {key_of(user)}"}, timeout=10
-    )
-    reply.raise_for_status()
-    return {w["window"]: w["left"] for w in reply.json()["windows"]}
 
 
 MIX = [(chat, stream, usage) for chat in (True, False) for stream in (True, False)

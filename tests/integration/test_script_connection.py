@@ -13,10 +13,11 @@ import pytest
 import redis
 import uvloop
 from harness import RedisServer
+from harness.fault_proxy import FaultProxy
 from redis.asyncio import Redis as AsyncRedis
 
 from metering.meter import Meter, MeterUnavailable, ReserveRequest
-from metering.pipeline import ReplyError, ScriptConnection
+from metering.pipeline import TIMEOUTS_TO_RECONNECT, ReplyError, ScriptConnection
 from policies.schema import Tier
 
 pytestmark = pytest.mark.integration
@@ -137,5 +138,48 @@ def test_the_meter_reports_an_unreachable_redis_as_unavailable(tmp_path: Path) -
         finally:
             await scripts.aclose()
             await client.aclose()
+
+    run(scenario)
+
+
+def test_a_vanished_redis_is_dropped_after_timeouts_in_a_row_and_replaced(redis_server: RedisServer) -> None:
+    """Redis stops answering on the connection without closing it (a blackholed peer): after
+    `TIMEOUTS_TO_RECONNECT` calls in a row time out, the connection is dropped and the next call
+    opens a new one, which works once the link does."""
+
+    async def scenario(proxy: FaultProxy) -> None:
+        scripts = ScriptConnection(f"redis://{proxy.url}/0", 0.2)
+        try:
+            assert await scripts.evalsha(ECHO_SHA, ECHO, ["warm"], [0]) == [b"warm", b"0"]
+            proxy.blackhole()
+            for i in range(TIMEOUTS_TO_RECONNECT):
+                with pytest.raises(TimeoutError):
+                    await scripts.evalsha(ECHO_SHA, ECHO, ["lost"], [i])
+            proxy.heal()
+            assert await scripts.evalsha(ECHO_SHA, ECHO, ["back"], [1]) == [b"back", b"1"]
+            assert proxy.connections == 2
+        finally:
+            await scripts.aclose()
+
+    with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        run(lambda: scenario(proxy))
+
+
+def test_calls_beyond_the_in_flight_bound_fail_at_once(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        scripts = ScriptConnection(redis_server.url, 2.0, max_in_flight=4)
+        try:
+            await scripts.evalsha(ECHO_SHA, ECHO, ["warm"], [0])
+            with redis_server.client() as admin:
+                admin.execute_command("CLIENT", "PAUSE", 400, "ALL")
+            waiting = [asyncio.ensure_future(scripts.evalsha(ECHO_SHA, ECHO, ["k"], [i])) for i in range(4)]
+            await asyncio.sleep(0.05)
+            began = time.monotonic()
+            with pytest.raises(ConnectionError, match="in flight"):
+                await scripts.evalsha(ECHO_SHA, ECHO, ["one-more"], [9])
+            assert time.monotonic() - began < 0.1
+            assert len(await asyncio.gather(*waiting)) == 4
+        finally:
+            await scripts.aclose()
 
     run(scenario)

@@ -30,7 +30,7 @@ def stream(budget: StreamBudget, tokens: int) -> int:
 
     async def run() -> int:
         for count in range(1, tokens + 1):
-            budget.observe(5, count)
+            budget.observe(5, 0, count)
             if not await budget.admit(count):
                 return count - 1
             await asyncio.sleep(0)

@@ -2,7 +2,8 @@
 
 import json
 
-from proxy.relay import StreamTally, UsageMode, cut_events, split_usage
+from proxy.openai.protocol import UsageMode
+from proxy.relay import StreamTally, cut_events, split_usage
 
 CHUNK = (
     b'{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"tiny","choices":[{"index":0,'
@@ -29,13 +30,6 @@ def test_split_usage_returns_usage_and_the_chunk_without_it() -> None:
 def test_split_usage_leaves_chunks_without_usage_alone() -> None:
     chunk = b'{"id":"x","choices":[{"delta":{"content":"\\"usage\\":{}"}}]}'
     assert split_usage(chunk) == (None, chunk)
-
-
-def test_usage_mode_from_stream_options() -> None:
-    assert UsageMode.of({}) is UsageMode.NONE
-    assert UsageMode.of({"stream_options": {"include_usage": True}}) is UsageMode.FINAL
-    options = {"include_usage": True, "continuous_usage_stats": True}
-    assert UsageMode.of({"stream_options": options}) is UsageMode.CONTINUOUS
 
 
 def test_cut_events_finish_open_choices_with_length_and_usage() -> None:

@@ -1,0 +1,181 @@
+"""Serving an OpenAI generation request against vLLM: the prompt bound, the body vLLM gets, and
+the two ways the answer comes back (one JSON body, or server-sent events relayed chunk by chunk).
+
+The functions here record what they see on the `Flight` (usage, failures, hang-ups); how the
+request ended is decided by `proxy.flight.outcome_of`, and settlement is the `finish` callback
+the gateway hands in, which the response classes run exactly once.
+"""
+
+import logging
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import httpx
+import orjson
+from starlette.responses import Response
+
+from metering.lease import StreamBudget
+from metering.prompt import TemplateOverhead, chat_prompt_bound, completion_prompt_bound
+from policies.budget import per_output_limit
+from proxy import metrics
+from proxy.errors import APIError
+from proxy.flight import Flight, Outcome
+from proxy.openai.protocol import GenerationRequest
+from proxy.relay import relay
+from proxy.streaming import Finish, RelayResponse, SettledResponse
+from proxy.upstream import UpstreamPool, UpstreamState
+
+log = logging.getLogger("capgate.openai")
+
+
+def local_prompt_bound(request: GenerationRequest, overhead: TemplateOverhead) -> int:
+    """The prompt bound computed without the tokenizer (see `metering.prompt`)."""
+    body = dict(request.body)
+    return chat_prompt_bound(body, overhead) if request.chat else completion_prompt_bound(body, overhead)
+
+
+async def tokenized_prompt_bound(
+    pool: UpstreamPool, upstream: UpstreamState, request: GenerationRequest
+) -> int:
+    """The exact prompt tokens, from the upstream's `/tokenize` (one round trip)."""
+    key = "messages" if request.chat else "prompt"
+    try:
+        return await pool.count_prompt(upstream, {"model": request.model, key: request.body[key]})
+    except httpx.HTTPStatusError as exc:
+        raise APIError(400, f"cannot tokenize the prompt: {exc.response.text}", param=key) from exc
+    except httpx.HTTPError as exc:
+        raise APIError(502, f"upstream unreachable: {exc}", type="upstream_error") from exc
+
+
+def upstream_body(
+    request: GenerationRequest, *, priority: int, allowance: int | None, context: int
+) -> dict[str, Any]:
+    """The body vLLM gets: the tier's `priority`, the completion limit lowered to what the budget
+    holds (`allowance` shared by every output; None when completions are not capped) with vLLM's
+    `min_tokens` under it, and cumulative usage on every chunk of a stream.
+
+    A client limit over the model's context is left alone: vLLM refuses it with its own 400.
+    """
+    body = dict(request.body)
+    body["priority"] = priority
+    if allowance is not None:
+        per_output = per_output_limit(allowance, request.outputs)
+        for name in request.limit_fields or ("max_tokens",):
+            asked = body.get(name)
+            if asked is None or per_output < asked <= context:
+                body[name] = per_output
+        limit = min((request.body[name] for name in request.limit_fields), default=context)
+        floor = request.min_tokens
+        if floor is not None and per_output < floor <= limit:
+            body["min_tokens"] = per_output  # vLLM refuses min_tokens over max_tokens
+    if request.stream:
+        body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+    return body
+
+
+def _upstream_request(pool: UpstreamPool, flight: Flight, body: dict[str, Any]) -> httpx.Request:
+    return pool.client.build_request(
+        "POST",
+        flight.upstream.upstream.url + flight.endpoint,
+        content=orjson.dumps(body),
+        headers={"content-type": "application/json", "x-request-id": flight.request_id},
+    )
+
+
+async def _send(pool: UpstreamPool, request: httpx.Request, stream: bool) -> httpx.Response:
+    try:
+        return await pool.client.send(request, stream=stream)
+    except httpx.TimeoutException as exc:
+        metrics.UPSTREAM_ERRORS.labels(kind="timeout").inc()
+        raise APIError(
+            504, f"upstream timed out: {type(exc).__name__}", type="upstream_error", code="upstream_timeout"
+        ) from exc
+    except httpx.HTTPError as exc:
+        metrics.UPSTREAM_ERRORS.labels(kind="unreachable").inc()
+        raise APIError(
+            502, f"upstream unreachable: {exc}", type="upstream_error", code="upstream_unreachable"
+        ) from exc
+
+
+def _error_event(error: APIError) -> bytes:
+    return b"data: " + orjson.dumps(error.body()) + b"\n\ndata: [DONE]\n\n"
+
+
+async def serve_unary(pool: UpstreamPool, flight: Flight, body: dict[str, Any], finish: Finish) -> Response:
+    """Send the request, record vLLM's usage and finish reason, answer with vLLM's body."""
+    try:
+        response = await _send(pool, _upstream_request(pool, flight, body), stream=False)
+    except APIError as error:
+        flight.fail(Outcome.UPSTREAM_TIMEOUT if error.status == 504 else Outcome.UPSTREAM_ERROR)
+        raise
+    content = response.content
+    if response.is_success:
+        try:
+            reply = orjson.loads(content)
+            flight.tally.record(reply.get("usage") or {})
+            reasons = [c.get("finish_reason") for c in reply.get("choices") or [] if c.get("finish_reason")]
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
+            log.error("request %s: unreadable answer from vLLM: %r", flight.request_id, exc)
+            flight.fail(Outcome.UPSTREAM_ERROR)
+            raise APIError(502, "the upstream's answer is unreadable", type="upstream_error") from exc
+        flight.tally.finish_reason = reasons[-1] if reasons else None
+    else:
+        flight.fail(Outcome.UPSTREAM_ERROR)
+    headers = {"x-request-id": flight.request_id}
+    return SettledResponse(
+        content, response.status_code, headers, response.headers.get("content-type"), finish
+    )
+
+
+async def serve_stream(
+    pool: UpstreamPool, flight: Flight, body: dict[str, Any], budget: StreamBudget, finish: Finish
+) -> Response:
+    """Send the request and relay its events; a failure after the first byte becomes an error
+    event and `[DONE]`, as vLLM sends its own."""
+    try:
+        response = await _send(pool, _upstream_request(pool, flight, body), stream=True)
+    except APIError as error:
+        flight.fail(Outcome.UPSTREAM_TIMEOUT if error.status == 504 else Outcome.UPSTREAM_ERROR)
+        raise
+    if not response.is_success:
+        content = await response.aread()
+        await response.aclose()
+        flight.fail(Outcome.UPSTREAM_ERROR)
+        media = response.headers.get("content-type")
+        return SettledResponse(
+            content, response.status_code, {"x-request-id": flight.request_id}, media, finish
+        )
+    request = flight.request
+
+    async def body_bytes() -> AsyncGenerator[bytes, None]:
+        try:
+            async for chunk in relay(response, flight.tally, budget, request.usage, chat=request.chat):
+                yield chunk
+        except httpx.HTTPError as exc:
+            timeout = isinstance(exc, httpx.TimeoutException)
+            metrics.UPSTREAM_ERRORS.labels(kind="timeout" if timeout else "stream_broken").inc()
+            flight.fail(Outcome.UPSTREAM_TIMEOUT if timeout else Outcome.UPSTREAM_ERROR)
+            yield _error_event(
+                APIError(504 if timeout else 502, f"upstream stream failed: {exc!r}", type="upstream_error")
+            )
+        except Exception as exc:
+            relay_failed(flight, exc)
+            yield _error_event(APIError(500, "capgate failed while relaying the stream", type="server_error"))
+        finally:
+            await response.aclose()
+
+    headers = {"x-request-id": flight.request_id, "cache-control": "no-cache"}
+    return RelayResponse(
+        body_bytes(),
+        response.status_code,
+        headers,
+        flight.hang_up,
+        lambda exc: relay_failed(flight, exc),
+        finish,
+    )
+
+
+def relay_failed(flight: Flight, exc: BaseException) -> None:
+    """Log and record an error of capgate's own while relaying a stream."""
+    log.error("request %s: relay failed: %r", flight.request_id, exc, exc_info=exc)
+    flight.fail(Outcome.RELAY_ERROR)

@@ -20,10 +20,9 @@ import asyncio
 import contextlib
 import socket
 import struct
-import threading
 from dataclasses import dataclass, field
 
-from .processes import free_port
+from .loop_server import LoopServer
 
 
 @dataclass(eq=False)
@@ -37,42 +36,21 @@ class _Link:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
-class FaultProxy:
+class FaultProxy(LoopServer):
     """A TCP proxy to `host:port` that injects faults; see the module docstring."""
 
     def __init__(self, host: str, port: int) -> None:
+        super().__init__()
         self.target = (host, port)
-        self.port = free_port()
         self.connections = 0
         self._delay = 0.0
         self._blackhole = False
         self._refuse = False
         self._links: set[_Link] = set()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: asyncio.Server | None = None
 
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-    def __enter__(self) -> FaultProxy:
-        self._thread.start()
-        listen = asyncio.start_server(self._accept, "127.0.0.1", self.port)
-        self._server = asyncio.run_coroutine_threadsafe(listen, self._loop).result(10)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    def _call(self, action) -> None:  # type: ignore[no-untyped-def]
-        async def run() -> None:
-            action()
-
-        asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)
 
     # faults
 
@@ -85,7 +63,7 @@ class FaultProxy:
             for link in self._links:
                 link.dead = True
 
-        self._call(act)
+        self.in_loop(act)
 
     def reset(self) -> None:
         def act() -> None:
@@ -93,7 +71,7 @@ class FaultProxy:
                 for writer in (link.client, link.server):
                     _abort_with_reset(writer)
 
-        self._call(act)
+        self.in_loop(act)
 
     def refuse(self) -> None:
         self._refuse = True
@@ -105,30 +83,14 @@ class FaultProxy:
                 with contextlib.suppress(OSError, RuntimeError):
                     link.client.write_eof()
 
-        self._call(act)
+        self.in_loop(act)
 
     def heal(self) -> None:
         self._delay, self._blackhole, self._refuse = 0.0, False, False
 
-    @property
-    def open_links(self) -> int:
-        return len(self._links)
-
     # plumbing
 
-    async def _shutdown(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for link in list(self._links):
-            for writer in (link.client, link.server):
-                writer.close()
-        current = asyncio.current_task()
-        tasks = [task for task in asyncio.all_tasks() if task is not current]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         if self._refuse:
             writer.close()

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import threading
 from collections import Counter
 from urllib.parse import urlsplit
 
-from .processes import free_port
+from .loop_server import LoopServer
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 
-class RelayProxy:
+class RelayProxy(LoopServer):
     """A small HTTP reverse proxy in front of vLLM, on its own thread and event loop.
 
     One request per connection (it asks vLLM for `connection: close`), the requested paths are
@@ -26,45 +24,16 @@ class RelayProxy:
     """
 
     def __init__(self, target: str, *, hide_metrics: bool = False, bytes_per_s: int | None = None) -> None:
+        super().__init__()
         parts = urlsplit(target)
         self.target = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.hide_metrics = hide_metrics
         self.bytes_per_s = bytes_per_s
-        self.port = free_port()
         self.paths: Counter[str] = Counter()
         self.request_ids: Counter[str] = Counter()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: asyncio.Server | None = None
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> RelayProxy:
-        self._thread.start()
-        listen = asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        self._server = asyncio.run_coroutine_threadsafe(listen, self._loop).result(10)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    async def _shutdown(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        current = asyncio.current_task()
-        tasks = [task for task in asyncio.all_tasks() if task is not current]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._relay(reader, writer)
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._relay(reader, writer)
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

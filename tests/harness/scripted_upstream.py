@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 
-from .processes import free_port
+from .loop_server import LoopServer
 
 METRICS = b"vllm:num_requests_waiting 0\nvllm:num_requests_running 0\nvllm:kv_cache_usage_perc 0\n"
 
@@ -23,61 +22,28 @@ def _response(status: int, body: bytes, content_type: bytes = b"application/json
     return head + body
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(LoopServer):
     """`events` are the SSE `data:` payloads of every stream; `models` the `/v1/models` body."""
 
     def __init__(self, events: list[bytes], models: bytes | None = None) -> None:
+        super().__init__()
         self.events = events
         self.models = models or json.dumps({"data": [{"id": "tiny", "max_model_len": 1024}]}).encode()
         self.generations = 0
-        self.port = free_port()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: asyncio.Server | None = None
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> ScriptedUpstream:
-        self._thread.start()
-        listen = asyncio.start_server(self._serve, "127.0.0.1", self.port)
-        self._server = asyncio.run_coroutine_threadsafe(listen, self._loop).result(10)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        async def shutdown() -> None:
-            assert self._server is not None
-            self._server.close()
-            current = asyncio.current_task()
-            tasks = [task for task in asyncio.all_tasks() if task is not current]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                line, _, headers = head.partition(b"\r\n")
-                path = line.split(b" ")[1].decode()
-                length = 0
-                for header in headers.split(b"\r\n"):
-                    name, _, value = header.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                body = await reader.readexactly(length) if length else b""
-                writer.write(self._answer(path, body))
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            line, _, headers = head.partition(b"\r\n")
+            path = line.split(b" ")[1].decode()
+            length = 0
+            for header in headers.split(b"\r\n"):
+                name, _, value = header.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            body = await reader.readexactly(length) if length else b""
+            writer.write(self._answer(path, body))
+            await writer.drain()
 
     def _answer(self, path: str, body: bytes) -> bytes:
         if path == "/v1/models":

@@ -39,6 +39,9 @@ USERS = {
     "reset": "closed",
     "stall": "closed",
     "killed": "closed",
+    "drop-closed": "closed",
+    "drop-open": "open",
+    "half": "closed",
 }
 
 
@@ -100,6 +103,31 @@ def test_redis_blackholed_follows_the_fail_mode_and_recovers(
         events = wait_for_events(server, "bh-open", len(served))
         assert sorted(e["request_id"] for e in events) == sorted(served)
         assert [e["finish_reason"] for e in events] == ["length"] * len(served)
+
+
+def test_redis_reset_and_refusing_connections_follows_the_fail_mode_and_recovers(
+    policy: Path, start_gateway: Callable[..., CapgateServer]
+) -> None:
+    """Every connection to Redis is reset and new ones are dropped as they are accepted: 503 for the
+    fail-closed tier, served and spooled for the fail-open tier; once Redis accepts connections
+    again both are served and the spooled usage has one ledger row per request."""
+    with fresh_redis() as redis, FaultProxy("127.0.0.1", redis.port) as proxy:
+        server = start_gateway(
+            redis_url=proxied(redis, proxy), policy=policy, settings={"reap_interval_s": 0.5}
+        )
+        assert chat(server, "drop-closed").status_code == 200
+        proxy.refuse()
+        proxy.reset()
+        during = {user: [chat(server, user) for _ in range(3)] for user in ("drop-closed", "drop-open")}
+        assert {r.status_code for r in during["drop-closed"]} == {503}
+        assert {r.status_code for r in during["drop-open"]} == {200}
+        proxy.heal()
+        deadline = time.monotonic() + 15
+        while (reply := chat(server, "drop-closed")).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert reply.status_code == 200
+        served = sorted(r.headers["x-request-id"] for r in during["drop-open"])
+        assert sorted(e["request_id"] for e in wait_for_events(server, "drop-open", len(served))) == served
 
 
 def test_redis_out_of_memory_follows_the_fail_mode(
@@ -201,6 +229,35 @@ def test_vllm_link_reset_mid_stream_bills_what_was_generated_once(
         after = generated(vllm_server)
         assert after[1] - before[1] == int(event["prompt_tokens"]), "the prompt was processed twice"
         assert 0 < int(event["completion_tokens"]) <= after[0] - before[0]
+
+
+def test_vllm_half_closing_mid_stream_is_an_upstream_error_settled_once(
+    policy: Path, vllm_server: VllmServer, start_gateway: Callable[..., CapgateServer]
+) -> None:
+    """vLLM's side of the link ends (FIN) in the middle of a chunked stream: the client gets an
+    error event and `[DONE]`, the ledger one `upstream_error` row with what was seen."""
+    with (
+        RelayProxy(vllm_server.base_url, bytes_per_s=4000) as slow,
+        FaultProxy("127.0.0.1", urlsplit(slow.base_url).port or 80) as link,
+    ):
+        server = start_gateway(upstreams=[f"http://{link.url}"], policy=policy)
+        client = openai_client(server.base_url, key_of("half"))
+        stream = client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "go"}],
+            max_tokens=400,
+            extra_body={"min_tokens": 400},
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        first = next(iter(stream))
+        link.half_close()
+        with pytest.raises(Exception, match="upstream"):
+            for _ in stream:
+                pass
+        [event] = wait_for_events(server, "half", 1)
+        assert event["finish_reason"] == "upstream_error"
+        assert int(event["completion_tokens"]) >= (first.usage.completion_tokens if first.usage else 0)
 
 
 def test_vllm_blackholed_mid_stream_times_out_and_settles_once(

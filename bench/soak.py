@@ -60,6 +60,7 @@ TIERS = {
 }  # fmt: skip
 USERS = {"hard-1": "hard", "hard-2": "hard", "open-1": "open", "open-2": "open", "leased-1": "leased"}
 FAULTS = ("redis_blackhole", "redis_reset", "redis_restart", "vllm_reset", "vllm_delay", "replica_kill")
+COVER_S = 60.0  # how long the load may run past its duration until every fault kind was injected
 SETTINGS = {"lease_ttl_s": 6.0, "reap_interval_s": 0.5, "timeouts": {"redis_s": 0.5, "read_s": 10.0}}
 
 
@@ -193,10 +194,11 @@ class Faults:
         self.rng = rng
         self.counts: Counter[str] = Counter()
         self.active = threading.Event()
+        self.covered = threading.Event()  # every kind injected at least once
         self.stop = threading.Event()
 
     def run(self) -> None:
-        while not self.stop.wait(self.rng.uniform(2.0, 4.0)):
+        while not self.stop.wait(self.rng.uniform(1.0, 2.5)):
             fault = (
                 FAULTS[len(self.counts) % len(FAULTS)]
                 if sum(self.counts.values()) < len(FAULTS)
@@ -209,6 +211,8 @@ class Faults:
                 time.sleep(1.0)  # what was in flight finishes failing before "outside a fault" resumes
                 self.active.clear()
             self.counts[fault] += 1
+            if len(self.counts) == len(FAULTS):
+                self.covered.set()
 
     def inject(self, fault: str) -> None:
         stack, rng = self.stack, self.rng
@@ -239,7 +243,9 @@ class Faults:
 
 def load(stack: Stack, user: str, seed: int, deadline: float, faults: Faults, sent: list[Sent]) -> None:
     rng = random.Random(seed)
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline or (
+        not faults.covered.is_set() and time.monotonic() < deadline + COVER_S
+    ):
         kind = rng.choices(["honest", "hostile", "hang_up"], [0.85, 0.08, 0.07])[0]
         path, body = body_for(rng, kind, user)
         during = faults.active.is_set()

@@ -9,6 +9,7 @@ a shared machine spread over every lease size.
 
 import asyncio
 import math
+import time
 from dataclasses import dataclass, field
 
 import httpx
@@ -73,6 +74,20 @@ async def _settled(redis: Redis, account: Account, results: list[StreamResult]) 
     return len(await wait_ledgered(redis, {account.user: ids}))
 
 
+async def _observed(
+    http: httpx.AsyncClient, redis: Redis, target: Target, before: Reading, settled: int
+) -> Reading:
+    """A reading taken once the gateway's metrics count `settled` more settlements (it observes
+    each just after Redis answers, so a reading right after the ledger row may miss the last)."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        after = await read(http, target.gateway_url, redis, target.gateway_pid)
+        done = counter_delta(before, after, "capgate_redis_call_seconds_count", {"operation": "settle"})
+        if done >= settled or time.monotonic() > deadline:
+            return after
+        await asyncio.sleep(0.05)
+
+
 async def _pair(
     http: httpx.AsyncClient, target: Target, key: str, body: dict, capgate_first: bool
 ) -> tuple[StreamResult, StreamResult]:
@@ -107,7 +122,7 @@ async def _block(
     before = await read(http, target.gateway_url, redis, target.gateway_pid)
     await asyncio.gather(*(worker(i, n) for i, n in enumerate(shares) if n))
     samples.unsettled += await _settled(redis, account, sent)
-    after = await read(http, target.gateway_url, redis, target.gateway_pid)
+    after = await _observed(http, redis, target, before, len(sent))
     samples.capgate += sent
     samples.readings.append((before, after))
 

@@ -81,7 +81,7 @@ async def test_keep_alive_connection_is_reused_and_the_request_arrives_whole() -
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
-            _, body = await read_request(reader)
+            head, body = await read_request(reader)
             seen.append((head, body))
             writer.write(fixed(b'{"ok":' + body + b"}", b"Content-Type: application/json\r\n"))
 

@@ -41,6 +41,7 @@ from tests.harness.capgate_server import CapgateServer
 from tests.harness.fault_proxy import FaultProxy
 from tests.harness.ledger import generated, ledger, usage_left
 from tests.harness.policies import key_of, write_policy
+from tests.harness.processes import stop_all_on_sigterm
 from tests.harness.redis_server import RedisServer
 from tests.harness.relay_proxy import RelayProxy
 from tests.harness.vllm_server import VllmServer
@@ -91,6 +92,7 @@ class Report:
     generated_twice: int = 0
     hostile_not_refused: int = 0  # answered, and not with a 400 (None: the replica was down)
     server_errors_outside_faults: int = 0
+    server_errors_outside_faults_by_status: dict[str, int] = field(default_factory=dict)
     users_unbalanced: int = 0
     billed_completion: int = 0
     vllm_generated: int = 0
@@ -168,6 +170,7 @@ def body_for(rng: random.Random, kind: str, user: str) -> tuple[str, dict]:
 
 def send(server: CapgateServer, user: str, kind: str, path: str, body: dict) -> Sent:
     headers = {"authorization": f"Bearer {key_of(user)}"}
+    asked = body["max_tokens"] if isinstance(body["max_tokens"], int) and body["max_tokens"] > 0 else 0
     try:
         with httpx.stream("POST", server.base_url + path, json=body, headers=headers, timeout=30) as reply:
             rid = reply.headers.get("x-request-id")
@@ -175,15 +178,15 @@ def send(server: CapgateServer, user: str, kind: str, path: str, body: dict) -> 
                 for line in reply.iter_lines():
                     if line.startswith("data: {"):
                         break
-                return Sent(user, kind, reply.status_code, rid, body["max_tokens"])
+                return Sent(user, kind, reply.status_code, rid, asked)
             raw = reply.read()
     except httpx.HTTPError:
-        return Sent(user, kind, None, None, body["max_tokens"])
+        return Sent(user, kind, None, None, asked)
     completion = None
     if reply.status_code == 200 and not body.get("stream"):
         with contextlib.suppress(ValueError, KeyError, TypeError):
             completion = json.loads(raw)["usage"]["completion_tokens"]
-    return Sent(user, kind, reply.status_code, rid, body["max_tokens"], completion)
+    return Sent(user, kind, reply.status_code, rid, asked, completion)
 
 
 class Faults:
@@ -195,6 +198,7 @@ class Faults:
         self.counts: Counter[str] = Counter()
         self.active = threading.Event()
         self.covered = threading.Event()  # every kind injected at least once
+        self.begun = 0  # faults begun so far: a request that saw this change lived through one
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -205,6 +209,7 @@ class Faults:
                 else self.rng.choice(FAULTS)
             )
             self.active.set()
+            self.begun += 1
             try:
                 self.inject(fault)
             finally:
@@ -248,9 +253,9 @@ def load(stack: Stack, user: str, seed: int, deadline: float, faults: Faults, se
     ):
         kind = rng.choices(["honest", "hostile", "hang_up"], [0.85, 0.08, 0.07])[0]
         path, body = body_for(rng, kind, user)
-        during = faults.active.is_set()
+        during, begun = faults.active.is_set(), faults.begun
         outcome = send(rng.choice(stack.replicas), user, kind, path, body)
-        outcome.during_fault = during or faults.active.is_set()
+        outcome.during_fault = during or faults.active.is_set() or faults.begun != begun
         sent.append(outcome)
 
 
@@ -278,6 +283,8 @@ def unbillable(sent: list[Sent], rows: dict[str, dict]) -> int:
     the connection fail), what it asked for beyond what it was billed."""
     bound = 0
     for s in sent:
+        if s.kind == "hostile":
+            continue  # refused before vLLM
         row = rows.get(s.request_id or "")
         if s.status is None or s.kind == "hang_up" or (row and row["finish_reason"] in UNBILLABLE_ENDS):
             bound += s.max_tokens - (int(row["completion_tokens"]) if row else 0)
@@ -296,9 +303,9 @@ def audit(stack: Stack, sent: list[Sent], before: tuple[float, float], report: R
     report.usage_events_lost = sum(1 for s in served if s.request_id not in ids)
     report.rows_without_client_id = sum(1 for rid in ids if rid not in seen)
     report.hostile_not_refused = sum(1 for s in sent if s.kind == "hostile" and s.status not in (400, None))
-    report.server_errors_outside_faults = sum(
-        1 for s in sent if not s.during_fault and (s.status is None or s.status >= 500)
-    )
+    outside = [str(s.status) for s in sent if not s.during_fault and (s.status is None or s.status >= 500)]
+    report.server_errors_outside_faults = len(outside)
+    report.server_errors_outside_faults_by_status = dict(Counter(outside))
     sent_twice = Counter()
     for relay in stack.relays:
         sent_twice.update(relay.request_ids)
@@ -367,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    stop_all_on_sigterm()
     with contextlib.ExitStack() as stack:
         if args.vllm_port:
             vllm = VllmServer(port=args.vllm_port)

@@ -51,6 +51,15 @@ class StreamBudget:
     def leased(self) -> bool:
         return self.lease is not None and self.counts_completion and self.meter is not None
 
+    @property
+    def allowance(self) -> int | None:
+        """The completion tokens vLLM is asked for at most: the whole ceiling for a leased stream
+        (capgate, not vLLM, stops it at a refused lease), else what is held; None when
+        completions are not capped."""
+        if not self.counts_completion:
+            return None
+        return self.ceiling if self.leased else self.limit
+
     def observe(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> None:
         """Record vLLM's cumulative usage; start an extension when one is due."""
         self._prompt, self._cached, self._completion = prompt_tokens, cached_tokens, completion_tokens

@@ -80,12 +80,11 @@ class Gateway:
             return error.response()
         finish = functools.partial(self._finish, flight, budget)
         try:
-            tier = flight.principal.tier
-            allowance = (
-                (budget.ceiling if budget.leased else budget.limit) if tier.counts("completion") else None
-            )
             context = self.pool.models().get(flight.model, flight.plan.ceiling)
-            body = upstream_body(flight.request, priority=tier.priority, allowance=allowance, context=context)
+            priority = flight.principal.tier.priority
+            body = upstream_body(
+                flight.request, priority=priority, allowance=budget.allowance, context=context
+            )
             metrics.ADDED.observe(time.monotonic() - started)
             if flight.request.stream:
                 return await serve_stream(self.pool, flight, body, budget, finish)

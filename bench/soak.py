@@ -61,6 +61,10 @@ TIERS = {
 }  # fmt: skip
 USERS = {"hard-1": "hard", "hard-2": "hard", "open-1": "open", "open-2": "open", "leased-1": "leased"}
 FAULTS = ("redis_blackhole", "redis_reset", "redis_restart", "vllm_reset", "vllm_delay", "replica_kill")
+# How long after a fault is healed it still counts as in force: what was in flight finishes
+# failing, and a connection to a blackholed Redis is known dead once a call on it times out
+# (the heartbeat's, within 1 s + timeouts.redis_s).
+AFTERMATH_S = 2.5
 COVER_S = 60.0  # how long the load may run past its duration until every fault kind was injected
 SETTINGS = {"lease_ttl_s": 6.0, "reap_interval_s": 0.5, "timeouts": {"redis_s": 0.5, "read_s": 10.0}}
 
@@ -213,7 +217,7 @@ class Faults:
             try:
                 self.inject(fault)
             finally:
-                time.sleep(1.0)  # what was in flight finishes failing before "outside a fault" resumes
+                time.sleep(AFTERMATH_S)
                 self.active.clear()
             self.counts[fault] += 1
             if len(self.counts) == len(FAULTS):

@@ -5,6 +5,7 @@ on a single Redis or a Redis Cluster alike. Redis being unreachable surfaces as
 `MeterUnavailable`; what to do then is the caller's choice (the tier's fail mode).
 """
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -277,6 +278,13 @@ class Meter:
         except (RedisError, OSError) as exc:
             raise MeterUnavailable(str(exc) or type(exc).__name__) from exc
         return reaped
+
+    async def heartbeat(self) -> None:
+        """Ping over the script connection, so that a dead one is found and replaced before a
+        request pays for it (a failure is expected while Redis is down and says nothing new)."""
+        if self.scripts is not None:
+            with contextlib.suppress(ConnectionError, TimeoutError, OSError, ReplyError):
+                await self.scripts.ping()
 
     async def ping(self) -> None:
         """Raise `MeterUnavailable` unless Redis answers."""

@@ -14,15 +14,18 @@ within `timeout_s` raises `TimeoutError` (the late reply is dropped when it come
 lost connection raises `ConnectionError` in every call waiting on it, and the next call connects
 again. `redis://` and `unix://` URLs, with a user, password and database.
 
-A peer that vanishes without a reset is detected two ways: `TIMEOUTS_TO_RECONNECT` calls in a
-row that time out drop the connection (the next call opens a new one), and TCP keepalive
-(probes after `KEEPALIVE_IDLE_S` idle) makes the kernel close a dead one. At most
+A peer that vanishes without a reset is detected three ways: a call that times out while nothing
+at all came back on the connection drops it (the next call opens a new one), so do
+`TIMEOUTS_TO_RECONNECT` calls in a row that time out, and TCP keepalive (probes after
+`KEEPALIVE_IDLE_S` idle) makes the kernel close a dead one. `ping` is the heartbeat that finds a
+dead connection before a request does. At most
 `max_in_flight` calls wait on the connection at once; one more fails at once with
 `ConnectionError` rather than queue behind a stalled Redis.
 """
 
 import asyncio
 import socket
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import cast
@@ -70,11 +73,13 @@ class _Replies(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.lost: ConnectionError | None = None
         self.unsent: list[bytes] = []
+        self.last_data_at = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
+        self.last_data_at = time.monotonic()
         self.reader.feed(data)
         try:
             while (reply := self.reader.gets()) is not False:
@@ -163,14 +168,16 @@ class ScriptConnection:
             return self._replies
 
     async def _call(self, command: tuple[Arg, ...]) -> object:
+        sent_at = time.monotonic()
         try:
             async with asyncio.timeout(self.timeout_s):
                 replies = await self._connection()
                 if len(replies.waiting) >= self.max_in_flight:
                     raise ConnectionError(f"{self.max_in_flight} redis calls already in flight")
+                sent_at = time.monotonic()
                 reply = await replies.send(hiredis.pack_command(command))
         except TimeoutError:
-            self._timed_out()
+            self._timed_out(sent_at)
             raise
         self._timeouts_in_a_row = 0
         if isinstance(reply, hiredis.ReplyError):
@@ -188,15 +195,23 @@ class ScriptConnection:
         await self._call(("SCRIPT", "LOAD", source))
         return await self._call(command)
 
-    def _timed_out(self) -> None:
-        """Count a call that timed out; drop the connection after too many in a row."""
+    def _timed_out(self, sent_at: float) -> None:
+        """Count a call sent at `sent_at` that timed out; drop the connection when nothing came
+        back on it since, or after too many timeouts in a row."""
         self._timeouts_in_a_row += 1
         replies = self._replies
-        if self._timeouts_in_a_row >= TIMEOUTS_TO_RECONNECT and replies is not None:
+        if replies is None or replies.lost is not None:
+            return
+        silent = replies.last_data_at < sent_at
+        if silent or self._timeouts_in_a_row >= TIMEOUTS_TO_RECONNECT:
             self._timeouts_in_a_row = 0
             if replies.transport is not None:
                 replies.transport.abort()
-            replies.connection_lost(TimeoutError(f"{TIMEOUTS_TO_RECONNECT} calls in a row timed out"))
+            replies.connection_lost(TimeoutError("redis calls time out on this connection"))
+
+    async def ping(self) -> None:
+        """One `PING`: the heartbeat (raises as any call does)."""
+        await self._call(("PING",))
 
     async def aclose(self) -> None:
         """Close the connection; calls still waiting fail with `ConnectionError`."""

@@ -29,6 +29,7 @@ from proxy.transport import Http1Transport
 from proxy.upstream import UpstreamPool
 
 log = logging.getLogger("capgate")
+HEARTBEAT_S = 1.0  # how often the script connection is pinged, to find a dead one before a request does
 
 
 def redis_client(settings: Settings) -> RedisClient:
@@ -89,6 +90,7 @@ def create_app(settings: Settings) -> FastAPI:
         loops = [
             background.start("housekeeping", settings.reap_interval_s, lambda: _housekeeping(gateway)),
             background.start("lease_refresh", settings.lease_ttl_s / 3, gateway.refresh),
+            background.start("redis_heartbeat", HEARTBEAT_S, meter.heartbeat),
         ]
         try:
             yield

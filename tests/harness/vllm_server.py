@@ -145,6 +145,10 @@ class VllmServer(Service):
         """Shut the server and its engine processes down (SIGTERM, then SIGKILL)."""
         self._process.stop(timeout=30.0)
 
+    def kill(self) -> None:
+        """SIGKILL the server and its engine processes at once (a crash)."""
+        self._process.kill()
+
     def metrics(self) -> Samples:
         """Fetch ``/metrics`` and return the parsed samples."""
         response = httpx.get(f"{self.base_url}/metrics", timeout=10)

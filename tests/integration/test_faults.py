@@ -42,6 +42,7 @@ USERS = {
     "drop-closed": "closed",
     "drop-open": "open",
     "half": "closed",
+    "vllm-killed": "closed",
 }
 
 
@@ -325,3 +326,41 @@ def test_a_replica_sigkilled_mid_stream_is_reaped_once_by_another(
         assert int(event["completion_tokens"]) <= after[0] - before[0]
         committed = sum(int(v) for v in redis.hgetall("cg:{u:killed}:w:day").values())
         assert committed == int(event["prompt_tokens"]) + int(event["completion_tokens"])
+
+
+@pytest.mark.slow
+def test_vllm_killed_mid_stream_and_restarted(
+    tmp_path: Path, policy: Path, start_gateway: Callable[..., CapgateServer]
+) -> None:
+    """A real vLLM (its own, not the session's) SIGKILLed while it streams: the client gets an
+    error event and `[DONE]`, the ledger one `upstream_error` row billing at least what the client
+    was shown; once vLLM is started again capgate serves through it, and the killed request was
+    not sent to the new vLLM (its prompt counter holds only the new request's prompt)."""
+    vllm = VllmServer(log_path=tmp_path / "vllm.log")
+    with vllm:
+        server = start_gateway(
+            upstreams=[vllm.base_url], policy=policy, settings={"admission": {"interval_s": 0.2}}
+        )
+        client = openai_client(server.base_url, key_of("vllm-killed"))
+        stream = client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "go"}],
+            max_tokens=3000,
+            extra_body={"min_tokens": 3000},
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+        )
+        shown = 0
+        with pytest.raises(Exception, match="upstream"):
+            for chunk in stream:
+                shown = chunk.usage.completion_tokens if chunk.usage else shown
+                if shown >= 20 and vllm.running:
+                    vllm.kill()
+        [event] = wait_for_events(server, "vllm-killed", 1)
+        assert event["finish_reason"] == "upstream_error" and int(event["completion_tokens"]) >= shown >= 20
+        vllm.start()
+        deadline = time.monotonic() + 30
+        while (reply := chat(server, "vllm-killed", max_tokens=4)).status_code != 200:
+            assert time.monotonic() < deadline, reply.text
+            time.sleep(0.3)
+        assert generated(vllm)[1] == reply.json()["usage"]["prompt_tokens"], "a request was sent again"

@@ -29,7 +29,6 @@ class ScriptedUpstream(LoopServer):
         super().__init__()
         self.events = events
         self.models = models or json.dumps({"data": [{"id": "tiny", "max_model_len": 1024}]}).encode()
-        self.generations = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
@@ -54,6 +53,5 @@ class ScriptedUpstream(LoopServer):
             return _response(200, b"")
         if path == "/tokenize":
             return _response(200, json.dumps({"count": len(body)}).encode())
-        self.generations += 1
         stream = b"".join(b"data: " + event + b"\n\n" for event in self.events)
         return _response(200, stream, b"text/event-stream")

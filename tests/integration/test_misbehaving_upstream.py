@@ -76,6 +76,4 @@ def test_the_upstream_poller_survives_garbage_and_keeps_polling(
         )
         upstream.models = json.dumps({"data": [{"id": "tiny", "max_model_len": 1024}]}).encode()
         time.sleep(1.0)
-        ready = httpx.get(f"{server.base_url}/readyz", timeout=10)
-        assert ready.status_code in (200, 503)
         assert "tiny" in httpx.get(f"{server.base_url}/v1/models", headers=headers, timeout=10).text

@@ -148,7 +148,7 @@ class ManagedProcess(Service):
                     f"{self.argv[0]} exited with {self.returncode} while waiting for {what}\n"
                     f"{self.log_tail()}"
                 )
-            if predicate():
+            if predicate() and self.running:
                 return
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"{what} not reached within {timeout:.0f} s\n{self.log_tail()}")

@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import openai
 import pytest
 from harness import RedisServer, VllmServer
 from harness.capgate_server import CapgateServer
@@ -21,6 +22,7 @@ from harness.clients import openai_client
 from harness.fault_proxy import FaultProxy
 from harness.ledger import generated, ledger, wait_for_events
 from harness.policies import key_of, write_policy
+from harness.processes import port_is_free
 from harness.relay_proxy import RelayProxy
 
 pytestmark = pytest.mark.integration
@@ -350,12 +352,20 @@ def test_vllm_killed_mid_stream_and_restarted(
             stream=True,
             stream_options={"include_usage": True, "continuous_usage_stats": True},
         )
-        shown = 0
-        with pytest.raises(Exception, match="upstream"):
+        shown, killed_at, error = 0, None, None
+        try:
             for chunk in stream:
                 shown = chunk.usage.completion_tokens if chunk.usage else shown
-                if shown >= 20 and vllm.running:
+                if shown >= 20 and killed_at is None:
                     vllm.kill()
+                    killed_at = shown
+        except openai.APIError as exc:
+            error = exc
+        assert killed_at is not None, f"the stream ended after {shown} tokens, before vLLM was killed"
+        assert error is not None and "upstream" in error.message, (
+            f"no upstream error: {error!r} after {shown} tokens, vLLM killed at {killed_at}, "
+            f"its port {'free' if port_is_free(vllm.port) else 'still taken'}"
+        )
         [event] = wait_for_events(server, "vllm-killed", 1)
         assert event["finish_reason"] == "upstream_error" and int(event["completion_tokens"]) >= shown >= 20
         vllm.start()

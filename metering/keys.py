@@ -9,6 +9,12 @@ LIVE_PATTERN = f"{PREFIX}:{{u:*}}:live"
 TOTALS_PATTERN = f"{PREFIX}:{{u:*}}:totals"
 
 
+def slots_key(upstream: str) -> str:
+    """The slot count of one upstream. Every upstream's carries the hash tag `{slots}`, so one
+    script can choose among them on Redis Cluster too."""
+    return f"{PREFIX}:{{slots}}:{upstream}"
+
+
 @dataclass(frozen=True, slots=True)
 class UserKeys:
     """The keys of one user."""

@@ -17,7 +17,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from metering.events import UsageEvent
-from metering.keys import LIVE_PATTERN, UserKeys, user_of_key
+from metering.keys import LIVE_PATTERN, UserKeys, slots_key, user_of_key
 from metering.pipeline import ReplyError, ScriptConnection
 from metering.windows import WindowSlot, slot_of
 from policies.pricing import Rates
@@ -129,6 +129,9 @@ class Meter:
         self._extend = redis.register_script(_script("extend"))
         self._settle = redis.register_script(_script("settle"))
         self._reap = redis.register_script(_script("reap"))
+        self._slot_take = redis.register_script(_script("slot_take"))
+        self._slot_free = redis.register_script(_script("slot_free"))
+        self._slot_touch = redis.register_script(_script("slot_touch"))
 
     def _slots(self, windows: Sequence[Window], now: float) -> list[WindowSlot]:
         return [slot_of(window, now) for window in windows]
@@ -278,6 +281,32 @@ class Meter:
         except (RedisError, OSError) as exc:
             raise MeterUnavailable(str(exc) or type(exc).__name__) from exc
         return reaped
+
+    async def take_slot(
+        self, request_id: str, limits: Sequence[tuple[str, int]], ttl_s: float
+    ) -> tuple[int | None, list[int]]:
+        """Count `request_id` on the first upstream of `limits` (label, most it may hold once this
+        one is counted) with room: its index and its size after, or None and every size."""
+        now_ms = int(self.clock() * 1000)
+        reply = await self._run(
+            self._slot_take,
+            [slots_key(label) for label, _ in limits],
+            [request_id, now_ms, now_ms + int(ttl_s * 1000), *(limit for _, limit in limits)],
+        )
+        assert isinstance(reply, list)
+        if reply[0] == 0:
+            return None, [int(size) for size in reply[1:]]
+        return int(reply[0]) - 1, [int(reply[1])]
+
+    async def free_slot(self, upstream: str, request_id: str) -> None:
+        """Stop counting `request_id` on `upstream` (idempotent)."""
+        await self._run(self._slot_free, [slots_key(upstream)], [request_id])
+
+    async def touch_slots(self, upstream: str, request_ids: Sequence[str], ttl_s: float) -> int:
+        """Push out the slot expiry of requests still counted on `upstream`; how many were."""
+        expiry = int(self.clock() * 1000) + int(ttl_s * 1000)
+        reply = await self._run(self._slot_touch, [slots_key(upstream)], [expiry, *request_ids])
+        return int(reply)  # type: ignore[arg-type]
 
     async def heartbeat(self) -> None:
         """Ping over the script connection, so that a dead one is found and replaced before a

@@ -120,6 +120,7 @@ class Tier(_Strict):
     models: list[str] = ["*"]
     fail_mode: FailMode = "closed"
     ttft_objective_s: Annotated[float, Field(gt=0)] | None = None
+    preemptible: bool = False
     lease_tokens: Annotated[int, Field(gt=0)] | None = None
     caps: Caps = Caps()
     prices: Prices = Prices()

@@ -1,70 +1,127 @@
-"""Load-aware admission: when vLLM is saturated, lower tiers wait briefly, then are shed.
+"""Capacity-aware admission: which upstream a request goes to, and whether it goes now, waits or
+is shed.
 
-Saturation is read from vLLM's own `/metrics` (through the upstream pool): the least loaded
-upstream has at least `max_waiting` requests waiting, or its KV cache is fuller than
-`max_kv_cache_usage`. The tier(s) with the best (lowest) priority are never held back. Other
-requests wait in one queue ordered by priority, and are let through, best priority first, as
-vLLM's waiting queue drains; a request still waiting after `queue_timeout_s` is shed with a 429.
-When vLLM's load is unknown (stale or missing metrics), admission forwards everything and says
-so in a log line and in `capgate_admission_degraded`.
+Every request sent to an upstream holds one of its slots, counted in Redis (`slot_take.lua`) by
+every capgate replica and worker, so what all of them have sent to one vLLM at once is known
+exactly, including bursts that arrive between two polls of vLLM's `/metrics`. An upstream's
+capacity is its `slots` setting, else learned from vLLM's gauges (`UpstreamState.capacity`).
+
+The tier(s) with the best (lowest) priority are never held: they take a slot even past capacity
+(then they wait in vLLM's own priority queue). Every other tier may fill an upstream only up to
+the limit its protected tiers leave: a protected tier is a best-priority tier or one with a
+`ttft_objective_s`; tiers below it never take its `headroom` slots, nor more than the share of
+capacity its `HeadroomControl` adapts to its measured time to first token. vLLM's own gauges
+are a second signal: an upstream with `max_waiting` requests waiting or its KV cache fuller than
+`max_kv_cache_usage` takes no request of a held tier.
+
+A request that finds no room waits in a `FairQueue` (priority first, then the users of one
+priority in turn, weighted by the tokens asked). The queue is retried every
+`release_interval_s` and whenever this process frees a slot; a request still waiting after
+`queue_timeout_s` is shed with a 429. When Redis cannot be reached, slots are counted by this
+process alone (`capgate_redis_errors_total{operation="slot"}`), and once it is back those
+tickets still count against this process's takes until they end; when an upstream's load is
+unknown (stale or missing metrics) only its slot count applies, said in a log line and in
+`capgate_admission_degraded`.
 """
 
 import asyncio
-import heapq
-import itertools
+import contextlib
 import logging
+import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from metering.meter import Meter, MeterUnavailable
+from policies.schema import Tier
 from proxy import background, metrics
 from proxy.errors import rate_limited
+from proxy.fair_queue import FairQueue
+from proxy.headroom import HeadroomControl
 from proxy.settings import Admission as AdmissionSettings
-from proxy.upstream import Load, UpstreamPool
+from proxy.upstream import UpstreamPool, UpstreamState
 
 log = logging.getLogger("capgate.admission")
 
+UNLIMITED = 1 << 30
+Starved = Callable[[int, Sequence[UpstreamState]], bool]
 
-@dataclass(order=True)
+
+@dataclass(eq=False)
+class Ticket:
+    """A request's slot on the upstream it was admitted to."""
+
+    request_id: str
+    upstream: UpstreamState
+    counted: bool  # counted in Redis (else by this process alone)
+    over_capacity: bool = False  # every slot was taken: it waits in vLLM's own queue
+
+
+@dataclass(eq=False)
 class _Waiter:
-    priority: int
-    seq: int
-    tier: str = field(compare=False)
-    ready: asyncio.Future[None] = field(compare=False)
+    request_id: str
+    tier: Tier
+    tiers: Mapping[str, Tier]
+    best: int  # the best priority of `tiers`
+    model: str
+    ready: asyncio.Future[Ticket] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class Admission:
-    """Decides, per request, whether to forward now, wait, or shed."""
+    """Decides, per request, which upstream it goes to and when, or sheds it."""
 
-    def __init__(self, settings: AdmissionSettings, pool: UpstreamPool) -> None:
+    def __init__(self, settings: AdmissionSettings, pool: UpstreamPool, meter: Meter) -> None:
         self.settings = settings
         self.pool = pool
-        self._queue: list[_Waiter] = []
-        self._seq = itertools.count()
+        self.meter = meter
+        self.tickets: dict[str, Ticket] = {}
+        self.controls: dict[str, HeadroomControl] = {}
+        self._uncounted: dict[str, int] = {}  # per upstream: tickets Redis does not count
+        self._queue: FairQueue[_Waiter] = FairQueue()
+        self._wake = asyncio.Event()
         self._degraded = False
-        self._released = 0
-        self._reading: float | None = None
-        self._pump: asyncio.Task[None] | None = None
+        self._loops: list[asyncio.Task[None]] = []
 
-    def _load(self, model: str | None = None) -> Load | None:
-        """The load of the least loaded healthy upstream, or None when unknown."""
-        now = time.monotonic()
-        loads = [
-            state.fresh_load(now, self.settings.stale_after_s)
-            for state in self.pool.states
-            if state.healthy and (model is None or model in state.models)
-        ]
-        known = [load for load in loads if load is not None]
-        if not known or len(known) < len(loads):
+    # --- deciding ---------------------------------------------------------------------------------
+
+    def control(self, name: str, tier: Tier) -> HeadroomControl | None:
+        """The headroom control of a tier with a time-to-first-token objective."""
+        objective = tier.ttft_objective_s
+        if objective is None:
+            self.controls.pop(name, None)
             return None
-        return min(known, key=lambda load: (load.waiting, load.kv_cache_usage))
+        found = self.controls.get(name)
+        if found is None:
+            s = self.settings
+            found = self.controls[name] = HeadroomControl(objective, s.min_share, s.backoff, s.step)
+        found.objective_s = objective
+        return found
 
-    def _saturated(self, load: Load, extra: int = 0) -> bool:
-        return (
-            load.waiting + extra >= self.settings.max_waiting
+    def limit(self, tier: Tier, tiers: Mapping[str, Tier], best: int, capacity: int | None) -> int:
+        """The most requests an upstream of `capacity` slots may hold once one of `tier` is let in
+        (`best`: the best priority of `tiers`)."""
+        if tier.priority <= best or capacity is None:
+            return UNLIMITED
+        limit = capacity
+        for name, guarded in tiers.items():
+            if guarded.priority >= tier.priority:
+                continue
+            control = self.control(name, guarded)
+            if control is not None:
+                limit = min(limit, control.limit(capacity, self.settings.headroom))
+            elif guarded.priority == best:
+                limit = min(limit, max(0, capacity - self.settings.headroom))
+        return limit
+
+    def _saturated(self, state: UpstreamState, now: float) -> bool:
+        load = state.fresh_load(now, self.settings.stale_after_s)
+        return load is not None and (
+            load.waiting >= self.settings.max_waiting
             or load.kv_cache_usage >= self.settings.max_kv_cache_usage
         )
 
-    def _note_degraded(self, degraded: bool) -> None:
+    def _note_degraded(self, states: Sequence[UpstreamState], now: float) -> None:
+        degraded = any(state.fresh_load(now, self.settings.stale_after_s) is None for state in states)
         if degraded != self._degraded:
             self._degraded = degraded
             metrics.ADMISSION_DEGRADED.set(int(degraded))
@@ -73,22 +130,100 @@ class Admission:
             else:
                 log.info("vLLM load known again: load-aware admission resumed")
 
-    async def admit(self, tier: str, priority: int, best_priority: int, model: str) -> None:
-        """Return when the request may go to vLLM; raise a 429 `APIError` when it is shed."""
-        if not self.settings.enabled or priority <= best_priority:
-            return
-        load = self._load(model)
-        self._note_degraded(load is None)
-        if load is None or (not self._saturated(load) and not self._queue):
-            return
-        waiter = _Waiter(priority, next(self._seq), tier, asyncio.get_running_loop().create_future())
-        heapq.heappush(self._queue, waiter)
-        gauge = metrics.ADMISSION_QUEUE.labels(tier=tier)
-        gauge.inc()
+    async def _take(self, waiter: _Waiter) -> Ticket | None:
+        """A slot for `waiter` on the upstream with the most room for its tier, or None."""
+        now = time.monotonic()
+        tier, tiers, best = waiter.tier, waiter.tiers, waiter.best
+        states = self.pool.candidates(waiter.model)
+        if tier.priority > best:
+            states = [state for state in states if not self._saturated(state, now)]
+        if not states:
+            return None
+        limits = [self.limit(tier, tiers, best, state.capacity) for state in states]
         try:
-            await asyncio.wait_for(asyncio.shield(waiter.ready), self.settings.queue_timeout_s)
+            index, sizes = await self.meter.take_slot(
+                waiter.request_id,
+                [
+                    (state.upstream.label, max(0, limit - self._uncounted.get(state.upstream.label, 0)))
+                    for state, limit in zip(states, limits, strict=True)
+                ],
+                self.settings.slot_ttl_s,
+            )
+            counted = True
+        except MeterUnavailable as exc:
+            metrics.REDIS_ERRORS.labels(operation="slot").inc()
+            log.debug("slots counted locally: redis unavailable (%s)", exc)
+            rooms = [limit - state.in_flight for state, limit in zip(states, limits, strict=True)]
+            index = max(range(len(states)), key=rooms.__getitem__)
+            index = index if rooms[index] > 0 else None
+            sizes, counted = [states[index].in_flight + 1] if index is not None else [], False
+        if index is None:
+            return None
+        state = states[index]
+        capacity = state.capacity
+        return self._issue(
+            Ticket(waiter.request_id, state, counted, capacity is not None and sizes[0] > capacity)
+        )
+
+    def _issue(self, ticket: Ticket) -> Ticket:
+        ticket.upstream.in_flight += 1
+        if not ticket.counted:
+            label = ticket.upstream.upstream.label
+            self._uncounted[label] = self._uncounted.get(label, 0) + 1
+        self.tickets[ticket.request_id] = ticket
+        return ticket
+
+    async def admit(
+        self,
+        request_id: str,
+        tier_name: str,
+        tier: Tier,
+        tiers: Mapping[str, Tier],
+        *,
+        model: str,
+        user: str,
+        cost: int,
+        starved: Starved | None = None,
+    ) -> Ticket | None:
+        """The ticket of a request let through, None when none of the model's upstreams is
+        healthy; a 429 `APIError` when it is shed. `starved` is called once when a held request
+        of a tier with an objective has waited `preempt_after` of it (it may free a slot)."""
+        states = self.pool.candidates(model)
+        if not states:
+            return None
+        if not self.settings.enabled:
+            return self._issue(Ticket(request_id, states[0], counted=False))
+        waiter = _Waiter(request_id, tier, tiers, min(t.priority for t in tiers.values()), model)
+        ahead = self._queue.best_priority()
+        if ahead is None or ahead > tier.priority or tier.priority <= waiter.best:
+            ticket = await self._take(waiter)
+            if ticket is not None:
+                return ticket
+        return await self._hold(waiter, tier_name, user, cost, starved)
+
+    async def _hold(
+        self, waiter: _Waiter, tier_name: str, user: str, cost: int, starved: Starved | None
+    ) -> Ticket:
+        self._queue.push(waiter, priority=waiter.tier.priority, user=user, cost=cost)
+        gauge = metrics.ADMISSION_QUEUE.labels(tier=tier_name)
+        gauge.inc()
+        timeout = self.settings.queue_timeout_s
+        objective = waiter.tier.ttft_objective_s
+        handed = False
+        try:
+            if starved is not None and objective is not None:
+                patience = min(timeout, objective * self.settings.preempt_after)
+                with contextlib.suppress(TimeoutError):
+                    ticket = await asyncio.wait_for(asyncio.shield(waiter.ready), patience)
+                    handed = True
+                    return ticket
+                timeout -= patience
+                starved(waiter.tier.priority, self.pool.candidates(waiter.model))
+            ticket = await asyncio.wait_for(asyncio.shield(waiter.ready), timeout)
+            handed = True
+            return ticket
         except TimeoutError:
-            metrics.ADMISSION_SHED.labels(tier=tier).inc()
+            metrics.ADMISSION_SHED.labels(tier=tier_name).inc()
             raise rate_limited(
                 "the model is saturated; requests of this tier are shed until it recovers",
                 "server_overloaded",
@@ -96,27 +231,84 @@ class Admission:
             ) from None
         finally:
             gauge.dec()
+            self._queue.remove(waiter)
             if not waiter.ready.done():
                 waiter.ready.cancel()
-                self._queue = [w for w in self._queue if w is not waiter]
-                heapq.heapify(self._queue)
+            elif not handed and not waiter.ready.cancelled():
+                await self.free(waiter.ready.result())
 
-    def _release(self) -> None:
-        """Let queued requests through, best priority first, while the last reading of vLLM's load
-        has room once those already let through on that same reading are counted."""
-        load = self._load()
-        self._note_degraded(load is None)
-        if load is not None and load.read_at != self._reading:
-            self._reading, self._released = load.read_at, 0
-        while self._queue and (load is None or not self._saturated(load, self._released)):
-            waiter = heapq.heappop(self._queue)
-            if not waiter.ready.done():
-                waiter.ready.set_result(None)
-                self._released += 1
+    async def _release(self) -> None:
+        """Let held requests through, head of the queue first, while it finds a slot."""
+        self._note_degraded([state for state in self.pool.states if state.healthy], time.monotonic())
+        while (waiter := self._queue.peek()) is not None:
+            ticket = await self._take(waiter)
+            if ticket is None:
+                return
+            self._queue.take(waiter)
+            if waiter.ready.done():
+                await self.free(ticket)
+            else:
+                waiter.ready.set_result(ticket)
+
+    # --- after admission --------------------------------------------------------------------------
+
+    async def free(self, ticket: Ticket) -> None:
+        """Give back a ticket's slot (once; later calls do nothing) and retry the held requests."""
+        if self.tickets.pop(ticket.request_id, None) is None:
+            return
+        ticket.upstream.in_flight -= 1
+        self._wake.set()
+        if not ticket.counted:
+            self._uncounted[ticket.upstream.upstream.label] -= 1
+        else:
+            try:
+                await self.meter.free_slot(ticket.upstream.upstream.label, ticket.request_id)
+            except MeterUnavailable as exc:
+                metrics.REDIS_ERRORS.labels(operation="slot").inc()
+                log.warning("slot of %s left to expire: redis unavailable (%s)", ticket.request_id, exc)
+
+    def observe_ttft(self, tier_name: str, tier: Tier, ttft_s: float) -> None:
+        """A request of `tier` got its first token after `ttft_s` seconds."""
+        control = self.control(tier_name, tier)
+        if control is None:
+            return
+        control.observe(ttft_s)
+        if ttft_s > control.objective_s:
+            metrics.TTFT_OBJECTIVE_MISSED.labels(tier=tier_name).inc()
+
+    def adapt(self) -> None:
+        """Close an interval of every headroom control; publish shares and capacities."""
+        for name, control in self.controls.items():
+            control.adapt()
+            metrics.ADMISSION_SHARE.labels(tier=name).set(control.share)
+            metrics.TTFT_OBJECTIVE_UNATTAINABLE.labels(tier=name).set(int(control.unattainable))
+            if control.unattainable:
+                log.warning("tier %s misses its ttft objective with lower tiers at their floor", name)
+        for state in self.pool.states:
+            metrics.UPSTREAM_CAPACITY.labels(upstream=state.upstream.label).set(state.capacity or math.nan)
+
+    async def touch(self) -> None:
+        """Push out the expiry of every slot this process holds in Redis."""
+        by_upstream: dict[str, list[str]] = {}
+        for ticket in self.tickets.values():
+            if ticket.counted:
+                by_upstream.setdefault(ticket.upstream.upstream.label, []).append(ticket.request_id)
+        for label, request_ids in by_upstream.items():
+            try:
+                await self.meter.touch_slots(label, request_ids, self.settings.slot_ttl_s)
+            except MeterUnavailable as exc:
+                metrics.REDIS_ERRORS.labels(operation="slot").inc()
+                log.warning("slots on %s not refreshed: redis unavailable (%s)", label, exc)
 
     def start(self) -> None:
-        if self.settings.enabled:
-            self._pump = background.start("admission", self.settings.interval_s / 2, self._release)
+        s = self.settings
+        if s.enabled:
+            self._loops = [
+                background.start("admission", s.release_interval_s, self._release, wake=self._wake),
+                background.start("admission_adapt", s.adapt_interval_s, self.adapt),
+                background.start("slot_refresh", s.slot_ttl_s / 3, self.touch),
+            ]
 
     async def stop(self) -> None:
-        await background.stop(self._pump)
+        for loop in self._loops:
+            await background.stop(loop)

@@ -81,7 +81,7 @@ def create_app(settings: Settings) -> FastAPI:
         pool = UpstreamPool(settings, client)
         meter = Meter(redis, lease_ttl_s=settings.lease_ttl_s, scripts=scripts)
         settler = Settler(meter, Spool(settings.spool_dir, settings.spool_max_bytes))
-        admission = Admission(settings.admission, pool)
+        admission = Admission(settings.admission, pool, meter)
         gateway = Gateway(settings, policies, pool, meter, settler, admission)
         app.state.gateway = gateway
         await pool.start()

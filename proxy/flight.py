@@ -27,6 +27,7 @@ class Outcome(StrEnum):
     OK = "ok"
     OK_FAIL_OPEN = "ok_fail_open"  # served while Redis was unreachable; usage went to the spool
     CUT_AT_BUDGET = "cut_at_budget"  # a lease extension was refused: cut mid-stream
+    PREEMPTED = "preempted"  # ended mid-stream to free its slot for a protected tier
     CLIENT_DISCONNECTED = "client_disconnected"  # the client hung up before every choice ended
     UPSTREAM_ERROR = "upstream_error"  # vLLM answered an error, or its stream broke
     UPSTREAM_TIMEOUT = "upstream_timeout"  # no answer, or no next chunk, within the read timeout
@@ -74,12 +75,14 @@ class Flight:
 
 def outcome_of(flight: Flight) -> Outcome:
     """How the request ended, from the facts recorded on it: a failure (the gravest first), then a
-    budget cut, then a hang-up, else served."""
+    preemption, then a budget cut, then a hang-up, else served."""
     for failure in FAILURES:
         if failure in flight.failures:
             return failure
     if flight.tally.upstream_error:
         return Outcome.UPSTREAM_ERROR
+    if flight.tally.preempted:
+        return Outcome.PREEMPTED
     if flight.tally.cut:
         return Outcome.CUT_AT_BUDGET
     if flight.hung_up:

@@ -12,6 +12,7 @@ import functools
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -43,6 +44,10 @@ from proxy.upstream import UpstreamPool, UpstreamState
 log = logging.getLogger("capgate.gateway")
 
 
+def _no_upstream() -> APIError:
+    return APIError(502, "no healthy upstream serves this model", type="upstream_error")
+
+
 class Gateway:
     """The generation endpoints over the policy, the meter and the upstreams."""
 
@@ -63,6 +68,7 @@ class Gateway:
         self.admission = admission
         self.flights: dict[str, Flight] = {}
         self._local_live: dict[str, int] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
 
     def principal(self, request: Request) -> Principal:
         """The caller, from their bearer key, or a 401."""
@@ -133,16 +139,38 @@ class Gateway:
             )
         upstream = self.pool.pick(model)
         if upstream is None:
-            raise APIError(502, "no healthy upstream serves this model", type="upstream_error")
+            raise _no_upstream()
         plan = await self._plan(generation, principal, upstream, served[model])
-        best = min(t.priority for t in self.policies.index.policy.tiers.values())
-        await self.admission.admit(principal.tier_name, tier.priority, best, model)
-        flight = Flight(uuid.uuid4().hex, principal, generation, request.url.path, started, plan, upstream)
-        flight.tally.outputs = generation.outputs
-        flight.tally.open_choices = set(range(generation.outputs))
-        budget = await self._reserve(flight)
-        self.flights[flight.request_id] = flight
-        upstream.in_flight += 1
+        request_id = uuid.uuid4().hex
+        ticket = await self.admission.admit(
+            request_id,
+            principal.tier_name,
+            tier,
+            self.policies.index.policy.tiers,
+            model=model,
+            user=principal.user_id,
+            cost=plan.ceiling,
+            starved=self._preempt,
+        )
+        if ticket is None:
+            raise _no_upstream()
+        try:
+            flight = Flight(
+                request_id, principal, generation, request.url.path, started, plan, ticket.upstream
+            )
+            flight.tally.outputs = generation.outputs
+            flight.tally.open_choices = set(range(generation.outputs))
+            budget = await self._reserve(flight)
+        except BaseException:
+            await run_shielded(functools.partial(self.admission.free, ticket))
+            raise
+        self.flights[request_id] = flight
+        objective = tier.ttft_objective_s
+        if ticket.over_capacity and objective is not None:
+            delay = objective * self.settings.admission.preempt_after
+            self._timers[request_id] = asyncio.get_running_loop().call_later(
+                delay, self._starved_in_vllm, flight
+            )
         return flight, budget
 
     async def _plan(
@@ -261,7 +289,12 @@ class Gateway:
         """Settle once (to Redis or the spool), release what the request held, observe it."""
         if self.flights.pop(flight.request_id, None) is None:
             return
-        flight.upstream.in_flight -= 1
+        timer = self._timers.pop(flight.request_id, None)
+        if timer is not None:
+            timer.cancel()
+        ticket = self.admission.tickets.get(flight.request_id)
+        if ticket is not None:
+            await self.admission.free(ticket)
         if budget is not None:
             await budget.close()
             if budget.leased:
@@ -297,9 +330,40 @@ class Gateway:
         metrics.DURATION.labels(tier).observe(now - flight.started)
         if event.ttft_ms is not None:
             metrics.TTFT.labels(tier).observe(event.ttft_ms / 1000)
+            self.admission.observe_ttft(tier, flight.principal.tier, event.ttft_ms / 1000)
         if tally.first_token_at and tally.last_token_at and event.completion_tokens > 1:
             gap = (tally.last_token_at - tally.first_token_at) / (event.completion_tokens - 1)
             metrics.ITL.labels(tier).observe(gap)
+
+    def _preempt(self, priority: int, upstreams: Sequence[UpstreamState]) -> bool:
+        """Ask the stream that matters least on one of `upstreams` to end: of this process's
+        streams of `preemptible` tiers worse than `priority`, one already generating first, then
+        the worst priority, then the newest. False when there is none."""
+        victims = [
+            flight
+            for flight in self.flights.values()
+            if flight.request.stream
+            and flight.principal.tier.preemptible
+            and flight.principal.tier.priority > priority
+            and not flight.tally.preempt
+            and any(flight.upstream is state for state in upstreams)
+        ]
+        if not victims:
+            return False
+        victim = max(
+            victims,
+            key=lambda f: (f.tally.first_token_at is not None, f.principal.tier.priority, f.started),
+        )
+        victim.tally.preempt = True
+        metrics.PREEMPTIONS.labels(tier=victim.principal.tier_name).inc()
+        log.info("request %s preempted for a request of priority %d", victim.request_id, priority)
+        return True
+
+    def _starved_in_vllm(self, flight: Flight) -> None:
+        """A protected request sent past its upstream's capacity has no first token yet."""
+        self._timers.pop(flight.request_id, None)
+        if flight.request_id in self.flights and flight.tally.first_token_at is None:
+            self._preempt(flight.principal.tier.priority, [flight.upstream])
 
     async def refresh(self) -> None:
         """Push out the lease of every reservation in flight and record its usage so far, whatever

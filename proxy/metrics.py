@@ -87,6 +87,34 @@ ADMISSION_DEGRADED = Gauge(
     "1 while vLLM's load is unknown and admission forwards everything.",
     multiprocess_mode="max",
 )
+ADMISSION_SHARE = Gauge(
+    "capgate_admission_share",
+    "Share of each upstream's capacity the tiers below this protected tier may fill.",
+    ["tier"],
+    multiprocess_mode="min",
+)
+TTFT_OBJECTIVE_MISSED = Counter(
+    "capgate_ttft_objective_missed",
+    "Requests whose time to first token exceeded their tier's ttft_objective_s, by tier.",
+    ["tier"],
+)
+TTFT_OBJECTIVE_UNATTAINABLE = Gauge(
+    "capgate_ttft_objective_unattainable",
+    "1 while a tier misses its ttft_objective_s with the tiers below it at their minimum share.",
+    ["tier"],
+    multiprocess_mode="max",
+)
+UPSTREAM_CAPACITY = Gauge(
+    "capgate_upstream_capacity",
+    "Requests an upstream runs at once, as admission knows it (NaN: unknown).",
+    ["upstream"],
+    multiprocess_mode="max",
+)
+PREEMPTIONS = Counter(
+    "capgate_preemptions",
+    "Streams ended early to free a slot for a protected tier, by the preempted stream's tier.",
+    ["tier"],
+)
 POLICY_RELOADS = Counter("capgate_policy_reloads", "Policy reloads, by outcome.", ["outcome"])
 SPOOL_BYTES = Gauge(
     "capgate_spool_bytes",

@@ -56,6 +56,8 @@ class StreamTally:
     finish_reason: str | None = None
     upstream_error: bool = False
     cut: bool = False
+    preempt: bool = False  # asked: end the stream at the next chunk, to free its slot
+    preempted: bool = False  # done: the stream was ended for a protected tier
     client_gone: bool = False
     chunks: int = 0
     outputs: int = 1
@@ -94,8 +96,8 @@ def _note_choices(tally: StreamTally, payload: bytes) -> None:
 
 
 def cut_events(tally: StreamTally, mode: UsageMode, chat: bool) -> bytes:
-    """The events that end a stream cut at its budget: `finish_reason: "length"` on every open
-    choice, the usage if the client asked for it, then `[DONE]`."""
+    """The events that end a stream cut short (at its budget, or preempted): `finish_reason:
+    "length"` on every open choice, the usage if the client asked for it, then `[DONE]`."""
     choices = []
     for index in sorted(tally.open_choices):
         if chat:
@@ -131,6 +133,20 @@ async def _drain(reads: AsyncIterator[bytes], tally: StreamTally, buffer: bytes)
                 tally.record(usage)
 
 
+async def _cut_short(
+    reads: AsyncIterator[bytes],
+    tally: StreamTally,
+    buffer: bytes,
+    out: list[bytes],
+    mode: UsageMode,
+    chat: bool,
+) -> bytes:
+    """The client's last bytes of a stream ended early: what is ready in `out`, then the events
+    that end it, once what vLLM already sent is drained and counted."""
+    await _drain(reads, tally, buffer)
+    return b"".join([*out, cut_events(tally, mode, chat)])
+
+
 async def relay(
     upstream: httpx.Response,
     tally: StreamTally,
@@ -139,7 +155,8 @@ async def relay(
     *,
     chat: bool,
 ) -> AsyncIterator[bytes]:
-    """Yield the client's bytes for each read from vLLM; stop early when the budget refuses.
+    """Yield the client's bytes for each read from vLLM; stop early when the budget refuses or
+    the stream is preempted (`tally.preempt`, acted on once its first chunk was relayed).
 
     When the client is gone (`tally.client_gone`) or the stream is cut, what vLLM already sent
     is drained and counted before returning; the caller then closes the upstream response, which
@@ -174,9 +191,7 @@ async def relay(
                 budget.observe(tally.prompt_tokens, tally.cached_tokens, tally.completion_tokens)
                 if not final and not await budget.admit(tally.completion_tokens):
                     tally.cut = True
-                    await _drain(reads, tally, buffer)
-                    out.append(cut_events(tally, mode, chat))
-                    yield b"".join(out)
+                    yield await _cut_short(reads, tally, buffer, out, mode, chat)
                     return
             if not final:
                 _note_choices(tally, payload)
@@ -192,6 +207,10 @@ async def relay(
                 held = b"data: " + stripped + b"\n\n"
             else:
                 out.append(b"data: " + stripped + b"\n\n")
+        if tally.preempt and tally.head and tally.open_choices:
+            tally.preempted = True
+            yield await _cut_short(reads, tally, buffer, [*out, held], mode, chat)
+            return
         if out:
             yield b"".join(out)
     if held:

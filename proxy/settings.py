@@ -29,6 +29,9 @@ class Upstream(_Section):
 
     url: Annotated[str, Field(pattern=r"^https?://")]
     name: str | None = None
+    # The most requests this vLLM runs at once (its `--max-num-seqs`). Unset: learned from its
+    # /metrics, as the most it ran while others waited (vLLM publishes its setting only in dev mode).
+    slots: Annotated[int, Field(gt=0)] | None = None
 
     @property
     def label(self) -> str:
@@ -45,7 +48,8 @@ class Timeouts(_Section):
 
 
 class Admission(_Section):
-    """Load-aware admission from vLLM's own `/metrics`."""
+    """Capacity-aware admission: slots counted across replicas in Redis, headroom kept for tiers
+    with a `ttft_objective_s` and adapted to it, vLLM's own `/metrics` as a second signal."""
 
     enabled: bool = True
     interval_s: Annotated[float, Field(gt=0)] = 0.5
@@ -54,6 +58,22 @@ class Admission(_Section):
     max_kv_cache_usage: Annotated[float, Field(gt=0, le=1)] = 0.95
     queue_timeout_s: Annotated[float, Field(ge=0)] = 2.0
     retry_after_s: Annotated[int, Field(gt=0)] = 2
+    # Slots of every upstream that tiers below a protected one never take.
+    headroom: Annotated[int, Field(ge=0)] = 1
+    # Adapting to the protected tiers' time to first token: the share of capacity lower tiers may
+    # fill is multiplied by `backoff` after an interval that missed (never below `min_share`), and
+    # grows by `step` after one that met it.
+    adapt_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    min_share: Annotated[float, Field(ge=0, le=1)] = 0.25
+    backoff: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    step: Annotated[float, Field(gt=0, le=1)] = 0.1
+    # A protected request with no slot after this fraction of its objective ends the stream of
+    # the lowest `preemptible` tier on its upstream.
+    preempt_after: Annotated[float, Field(gt=0, le=1)] = 0.5
+    # Held requests are retried this often (and at once when this process frees a slot).
+    release_interval_s: Annotated[float, Field(gt=0)] = 0.05
+    # A slot not refreshed for this long is dropped (its replica died); refreshed every third.
+    slot_ttl_s: Annotated[float, Field(gt=0)] = 10.0
 
 
 class Settings(_Section):

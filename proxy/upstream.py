@@ -3,6 +3,8 @@
 A background poller reads each upstream's `/v1/models` (served models and their context length)
 and `/metrics` (`vllm:num_requests_waiting`, `vllm:num_requests_running`,
 `vllm:kv_cache_usage_perc`). Load older than `stale_after_s` counts as unknown, never as idle.
+An upstream's capacity (requests run at once) is its `slots` setting, else learned from those
+gauges: the most vLLM ran while requests waited, on two readings in a row.
 Requests go to the least loaded healthy upstream that serves the model.
 """
 
@@ -50,6 +52,13 @@ class UpstreamState:
     healthy: bool = False
     load: Load | None = None
     in_flight: int = 0
+    seen_capacity: int = 0
+
+    @property
+    def capacity(self) -> int | None:
+        """The most requests it runs at once: configured, else the most vLLM was seen running
+        while others waited (two readings in a row), else unknown."""
+        return self.upstream.slots or self.seen_capacity or None
 
     def fresh_load(self, now: float, stale_after_s: float) -> Load | None:
         """The load if it is recent enough to act on, else None (unknown)."""
@@ -87,20 +96,23 @@ class UpstreamPool:
                 served.update(state.models)
         return served
 
-    def pick(self, model: str) -> UpstreamState | None:
-        """The least loaded healthy upstream serving `model` (unknown load counts by in-flight)."""
+    def candidates(self, model: str) -> list[UpstreamState]:
+        """The healthy upstreams serving `model`, least loaded first (vLLM's running and waiting
+        requests, then this process's requests in flight; unknown load counts as none)."""
         now = time.monotonic()
         stale = self.settings.admission.stale_after_s
-        candidates = [s for s in self.states if s.healthy and model in s.models]
-        if not candidates:
-            return None
 
         def weight(state: UpstreamState) -> tuple[float, int]:
             load = state.fresh_load(now, stale)
             queued = load.waiting + load.running if load is not None else 0.0
             return (queued, state.in_flight)
 
-        return min(candidates, key=weight)
+        return sorted((s for s in self.states if s.healthy and model in s.models), key=weight)
+
+    def pick(self, model: str) -> UpstreamState | None:
+        """The least loaded healthy upstream serving `model`."""
+        found = self.candidates(model)
+        return found[0] if found else None
 
     async def refresh(self, state: UpstreamState) -> None:
         """Re-read one upstream's models (and calibrate new ones) and load."""
@@ -120,7 +132,10 @@ class UpstreamPool:
         if not state.healthy:
             log.info("upstream %s serves %s", state.upstream.label, sorted(served))
         state.healthy = True
-        state.load = parse_load(metrics.text, time.monotonic()) if metrics.is_success else None
+        before = state.load
+        state.load = load = parse_load(metrics.text, time.monotonic()) if metrics.is_success else None
+        if load is not None and before is not None and load.waiting > 0 and before.waiting > 0:
+            state.seen_capacity = max(state.seen_capacity, int(min(load.running, before.running)))
 
     async def _count(self, base: str, payload: dict) -> int:
         reply = await self.client.post(f"{base}/tokenize", json=payload, timeout=5.0)

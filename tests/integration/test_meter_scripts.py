@@ -306,6 +306,52 @@ def test_reaper_prices_cached_prompt_tokens_like_settlement(redis_url: str) -> N
     run(scenario, redis_url)
 
 
+def test_slots_go_to_the_upstream_with_most_room_and_never_past_a_limit(redis_url: str) -> None:
+    async def scenario(redis: Redis) -> None:
+        meter = Meter(redis)
+        taken = [await meter.take_slot(f"r{i}", [("a", 2), ("b", 3)], 10) for i in range(5)]
+        assert taken == [(1, [1]), (0, [1]), (1, [2]), (0, [2]), (1, [3])]
+        assert await meter.take_slot("r5", [("a", 2), ("b", 3)], 10) == (None, [2, 3])
+        assert await meter.take_slot("r0", [("a", 2), ("b", 3)], 10) == (1, [3]), "a retry counts once"
+        await meter.free_slot("b", "r0")
+        await meter.free_slot("b", "r0")
+        assert await redis.zcard("cg:{slots}:b") == 2
+        assert await meter.take_slot("r5", [("a", 2), ("b", 3)], 10) == (1, [3])
+        assert await meter.take_slot("r6", [("a", 0), ("b", 0)], 10) == (None, [2, 3])
+
+    run(scenario, redis_url)
+
+
+def test_a_slot_not_touched_expires_and_one_touched_stays(redis_url: str) -> None:
+    """The slots of a replica that died (stopped touching them) are dropped; freed ones stay freed."""
+
+    async def scenario(redis: Redis) -> None:
+        clock = Clock()
+        meter = Meter(redis, clock=clock)
+        for rid in ("alive", "dead", "freed"):
+            await meter.take_slot(rid, [("a", 10)], 10)
+        await meter.free_slot("a", "freed")
+        clock.now += 8
+        assert await meter.touch_slots("a", ["alive", "freed"], 10) == 1
+        clock.now += 8
+        assert await meter.take_slot("next", [("a", 10)], 10) == (0, [2])
+        assert {m.decode() for m in await redis.zrange("cg:{slots}:a", 0, -1)} == {"alive", "next"}
+
+    run(scenario, redis_url)
+
+
+def test_slot_scripts_refuse_bad_arguments(redis_url: str) -> None:
+    async def scenario(redis: Redis) -> None:
+        meter = Meter(redis)
+        with pytest.raises(MeterRefused):
+            await meter.take_slot("r", [("a", -1)], 10)
+        with pytest.raises(MeterRefused):
+            await meter.take_slot("r", [("a", 1), ("b", 0.5)], 10)  # type: ignore[list-item]
+        assert [k async for k in redis.scan_iter(match="cg:*")] == []
+
+    run(scenario, redis_url)
+
+
 @pytest.mark.parametrize("transport", ["pipelined", "redis-py"])
 @pytest.mark.parametrize("fault", ["oom", "readonly", "busy"])
 def test_redis_error_replies_are_an_outage_for_every_call(transport: str, fault: str, tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ REQUIRED_ALERTS = {
     "CapgateLedgerSpoolGrowing",
     "CapgateEnterpriseTTFTAboveObjective",
     "CapgateAdmissionDegraded",
+    "CapgateTTFTObjectiveUnattainable",
 }
 
 
@@ -270,6 +271,8 @@ tests:
         values: '0+1000x15'
       - series: 'capgate_admission_degraded{{job="capgate",instance="a"}}'
         values: '1x15'
+      - series: 'capgate_ttft_objective_unattainable{{job="capgate",instance="a",tier="enterprise"}}'
+        values: '1x15'
       - series: 'up{{job="capgate",instance="a"}}'
         values: '0x15'
     alert_rule_test:
@@ -293,6 +296,10 @@ tests:
         alertname: CapgateDown
         exp_alerts:
           - exp_labels: {{severity: critical, job: capgate, instance: a}}
+      - eval_time: 12m
+        alertname: CapgateTTFTObjectiveUnattainable
+        exp_alerts:
+          - exp_labels: {{severity: warning, tier: enterprise}}
   - interval: 1m
     input_series:
       # enterprise first tokens at 0.2 s: within the objective, no alert

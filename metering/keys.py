@@ -10,9 +10,22 @@ TOTALS_PATTERN = f"{PREFIX}:{{u:*}}:totals"
 
 
 def slots_key(upstream: str) -> str:
-    """The slot count of one upstream. Every upstream's carries the hash tag `{slots}`, so one
-    script can choose among them on Redis Cluster too."""
+    """The slot count of one upstream. Every slot key carries the hash tag `{slots}`, so one
+    script can choose among the upstreams on Redis Cluster too."""
     return f"{PREFIX}:{{slots}}:{upstream}"
+
+
+def victims_key(upstream: str) -> str:
+    """The preemptible requests holding a slot of one upstream, by priority."""
+    return f"{PREFIX}:{{slots}}:{upstream}:victims"
+
+
+def waiting_key(model: str) -> str:
+    """Which replicas hold requests for `model` waiting for a slot, and since when."""
+    return f"{PREFIX}:{{slots}}:waiting:{model}"
+
+
+PREEMPTED_KEY = f"{PREFIX}:{{slots}}:preempted"  # requests asked to end, for whichever replica holds them
 
 
 @dataclass(frozen=True, slots=True)

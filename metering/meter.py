@@ -17,7 +17,15 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from metering.events import UsageEvent
-from metering.keys import LIVE_PATTERN, UserKeys, slots_key, user_of_key
+from metering.keys import (
+    LIVE_PATTERN,
+    PREEMPTED_KEY,
+    UserKeys,
+    slots_key,
+    user_of_key,
+    victims_key,
+    waiting_key,
+)
 from metering.pipeline import ReplyError, ScriptConnection
 from metering.windows import WindowSlot, slot_of
 from policies.pricing import Rates
@@ -27,6 +35,17 @@ RedisClient = Redis | RedisCluster
 _HERE = Path(__file__).parent
 _LIB = (_HERE / "lib.lua").read_text()
 REFUSED = "CAPGATE_ARG"  # how a script's error reply for arguments it refuses begins
+
+
+@dataclass(frozen=True, slots=True)
+class SlotTurn:
+    """Who takes a slot: the replica (process) asking, the model and priority of its request, and
+    how long its waiting record lasts unless it asks again (slot_take.lua)."""
+
+    replica: str
+    model: str
+    priority: int
+    wait_ttl_s: float
 
 
 class MeterUnavailable(Exception):
@@ -132,6 +151,8 @@ class Meter:
         self._slot_take = redis.register_script(_script("slot_take"))
         self._slot_free = redis.register_script(_script("slot_free"))
         self._slot_touch = redis.register_script(_script("slot_touch"))
+        self._slot_preempt = redis.register_script(_script("slot_preempt"))
+        self._slot_preempted = redis.register_script(_script("slot_preempted"))
 
     def _slots(self, windows: Sequence[Window], now: float) -> list[WindowSlot]:
         return [slot_of(window, now) for window in windows]
@@ -283,15 +304,35 @@ class Meter:
         return reaped
 
     async def take_slot(
-        self, request_id: str, limits: Sequence[tuple[str, int]], ttl_s: float
+        self,
+        request_id: str,
+        limits: Sequence[tuple[str, int]],
+        ttl_s: float,
+        turn: SlotTurn,
+        preemptible: bool = False,
     ) -> tuple[int | None, list[int]]:
-        """Count `request_id` on the first upstream of `limits` (label, most it may hold once this
-        one is counted) with room: its index and its size after, or None and every size."""
+        """Count `request_id` on the upstream of `limits` (label, most it may hold once this one is
+        counted) with the most room: its index and its size after, or None and every size. None
+        too while another replica waits its `turn` first. `preemptible`: list it for
+        `preempt_slot` at its priority."""
         now_ms = int(self.clock() * 1000)
+        keys = [slots_key(label) for label, _ in limits]
+        if preemptible:
+            keys += [victims_key(label) for label, _ in limits]
+        keys.append(waiting_key(turn.model))
         reply = await self._run(
             self._slot_take,
-            [slots_key(label) for label, _ in limits],
-            [request_id, now_ms, now_ms + int(ttl_s * 1000), *(limit for _, limit in limits)],
+            keys,
+            [
+                request_id,
+                now_ms,
+                now_ms + int(ttl_s * 1000),
+                turn.priority if preemptible else "",
+                turn.replica,
+                turn.priority,
+                now_ms + int(turn.wait_ttl_s * 1000),
+                *(limit for _, limit in limits),
+            ],
         )
         assert isinstance(reply, list)
         if reply[0] == 0:
@@ -300,7 +341,31 @@ class Meter:
 
     async def free_slot(self, upstream: str, request_id: str) -> None:
         """Stop counting `request_id` on `upstream` (idempotent)."""
-        await self._run(self._slot_free, [slots_key(upstream)], [request_id])
+        await self._run(
+            self._slot_free, [slots_key(upstream), victims_key(upstream), PREEMPTED_KEY], [request_id]
+        )
+
+    async def preempt_slot(
+        self, upstreams: Sequence[str], priority: int, ttl_s: float
+    ) -> tuple[str, str] | None:
+        """Choose, over `upstreams`, the preemptible request of the worst priority worse than
+        `priority` and post a notice for its replica: (its upstream, its id), or None."""
+        now_ms = int(self.clock() * 1000)
+        keys = [*(slots_key(u) for u in upstreams), *(victims_key(u) for u in upstreams), PREEMPTED_KEY]
+        reply = await self._run(self._slot_preempt, keys, [priority, now_ms, now_ms + int(ttl_s * 1000)])
+        assert isinstance(reply, list)
+        if reply[0] == 0:
+            return None
+        rid = reply[1]
+        return upstreams[int(reply[0]) - 1], rid.decode() if isinstance(rid, bytes) else str(rid)
+
+    async def preempted(self, request_ids: Sequence[str]) -> list[str]:
+        """Those of `request_ids` a replica asked to end (each notice is handed out once)."""
+        reply = await self._run(
+            self._slot_preempted, [PREEMPTED_KEY], [int(self.clock() * 1000), *request_ids]
+        )
+        assert isinstance(reply, list)
+        return [rid.decode() if isinstance(rid, bytes) else str(rid) for rid in reply]
 
     async def touch_slots(self, upstream: str, request_ids: Sequence[str], ttl_s: float) -> int:
         """Push out the slot expiry of requests still counted on `upstream`; how many were."""

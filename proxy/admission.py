@@ -15,8 +15,9 @@ are a second signal: an upstream with `max_waiting` requests waiting or its KV c
 `max_kv_cache_usage` takes no request of a held tier.
 
 A request that finds no room waits in a `FairQueue` (priority first, then the users of one
-priority in turn, weighted by the tokens asked). The queue is retried every
-`release_interval_s` and whenever this process frees a slot; a request still waiting after
+priority in turn, weighted by the tokens asked); across replicas, the slot script lets the
+replica whose next request has the better priority, or has waited longer, go first. The queue is
+retried every `release_interval_s` and whenever this process frees a slot; a request still waiting after
 `queue_timeout_s` is shed with a 429. When Redis cannot be reached, slots are counted by this
 process alone (`capgate_redis_errors_total{operation="slot"}`), and once it is back those
 tickets still count against this process's takes until they end; when an upstream's load is
@@ -29,10 +30,11 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from metering.meter import Meter, MeterUnavailable
+from metering.meter import Meter, MeterUnavailable, SlotTurn
 from policies.schema import Tier
 from proxy import background, metrics
 from proxy.errors import rate_limited
@@ -44,7 +46,7 @@ from proxy.upstream import UpstreamPool, UpstreamState
 log = logging.getLogger("capgate.admission")
 
 UNLIMITED = 1 << 30
-Starved = Callable[[int, Sequence[UpstreamState]], bool]
+Starved = Callable[[int, Sequence[UpstreamState]], Awaitable[bool]]
 
 
 @dataclass(eq=False)
@@ -55,6 +57,7 @@ class Ticket:
     upstream: UpstreamState
     counted: bool  # counted in Redis (else by this process alone)
     over_capacity: bool = False  # every slot was taken: it waits in vLLM's own queue
+    preemptible: bool = False  # listed in Redis as a stream another replica may ask to end
 
 
 @dataclass(eq=False)
@@ -64,6 +67,7 @@ class _Waiter:
     tiers: Mapping[str, Tier]
     best: int  # the best priority of `tiers`
     model: str
+    preemptible: bool
     ready: asyncio.Future[Ticket] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -74,6 +78,7 @@ class Admission:
         self.settings = settings
         self.pool = pool
         self.meter = meter
+        self.replica = uuid.uuid4().hex  # this process, in the slot scripts' waiting records
         self.tickets: dict[str, Ticket] = {}
         self.controls: dict[str, HeadroomControl] = {}
         self._uncounted: dict[str, int] = {}  # per upstream: tickets Redis does not count
@@ -81,6 +86,11 @@ class Admission:
         self._wake = asyncio.Event()
         self._degraded = False
         self._loops: list[asyncio.Task[None]] = []
+
+    @property
+    def _wait_ttl_s(self) -> float:
+        """How long this process's waiting record lasts in Redis unless its pump asks again."""
+        return max(0.25, 4 * self.settings.release_interval_s)
 
     # --- deciding ---------------------------------------------------------------------------------
 
@@ -148,6 +158,8 @@ class Admission:
                     for state, limit in zip(states, limits, strict=True)
                 ],
                 self.settings.slot_ttl_s,
+                SlotTurn(self.replica, waiter.model, tier.priority, self._wait_ttl_s),
+                waiter.preemptible,
             )
             counted = True
         except MeterUnavailable as exc:
@@ -161,9 +173,8 @@ class Admission:
             return None
         state = states[index]
         capacity = state.capacity
-        return self._issue(
-            Ticket(waiter.request_id, state, counted, capacity is not None and sizes[0] > capacity)
-        )
+        over = capacity is not None and sizes[0] > capacity
+        return self._issue(Ticket(waiter.request_id, state, counted, over, counted and waiter.preemptible))
 
     def _issue(self, ticket: Ticket) -> Ticket:
         ticket.upstream.in_flight += 1
@@ -183,17 +194,20 @@ class Admission:
         model: str,
         user: str,
         cost: int,
+        preemptible: bool = False,
         starved: Starved | None = None,
     ) -> Ticket | None:
         """The ticket of a request let through, None when none of the model's upstreams is
-        healthy; a 429 `APIError` when it is shed. `starved` is called once when a held request
-        of a tier with an objective has waited `preempt_after` of it (it may free a slot)."""
+        healthy; a 429 `APIError` when it is shed. `preemptible`: a stream of a preemptible tier
+        (another replica may ask to end it). `starved` is awaited once when a held request of a
+        tier with an objective has waited `preempt_after` of it (it may free a slot)."""
         states = self.pool.candidates(model)
         if not states:
             return None
         if not self.settings.enabled:
             return self._issue(Ticket(request_id, states[0], counted=False))
-        waiter = _Waiter(request_id, tier, tiers, min(t.priority for t in tiers.values()), model)
+        best = min(t.priority for t in tiers.values())
+        waiter = _Waiter(request_id, tier, tiers, best, model, preemptible)
         ahead = self._queue.best_priority()
         if ahead is None or ahead > tier.priority or tier.priority <= waiter.best:
             ticket = await self._take(waiter)
@@ -218,7 +232,7 @@ class Admission:
                     handed = True
                     return ticket
                 timeout -= patience
-                starved(waiter.tier.priority, self.pool.candidates(waiter.model))
+                await starved(waiter.tier.priority, self.pool.candidates(waiter.model))
             ticket = await asyncio.wait_for(asyncio.shield(waiter.ready), timeout)
             handed = True
             return ticket
@@ -257,7 +271,6 @@ class Admission:
         if self.tickets.pop(ticket.request_id, None) is None:
             return
         ticket.upstream.in_flight -= 1
-        self._wake.set()
         if not ticket.counted:
             self._uncounted[ticket.upstream.upstream.label] -= 1
         else:
@@ -266,6 +279,33 @@ class Admission:
             except MeterUnavailable as exc:
                 metrics.REDIS_ERRORS.labels(operation="slot").inc()
                 log.warning("slot of %s left to expire: redis unavailable (%s)", ticket.request_id, exc)
+        self._wake.set()
+
+    async def preempt(self, priority: int, upstreams: Sequence[UpstreamState]) -> str | None:
+        """Choose, over every replica's preemptible streams on `upstreams`, the one of the worst
+        priority worse than `priority`, and post a notice for the replica that holds it: its
+        request id, or None when there is none or Redis cannot be reached."""
+        try:
+            chosen = await self.meter.preempt_slot(
+                [state.upstream.label for state in upstreams], priority, self.settings.slot_ttl_s
+            )
+        except MeterUnavailable as exc:
+            metrics.REDIS_ERRORS.labels(operation="slot").inc()
+            log.debug("preemption chosen locally: redis unavailable (%s)", exc)
+            return None
+        return None if chosen is None else chosen[1]
+
+    async def asked_to_end(self) -> list[str]:
+        """This process's preemptible streams another replica (or this one) asked to end."""
+        mine = [rid for rid, ticket in self.tickets.items() if ticket.preemptible]
+        if not mine:
+            return []
+        try:
+            return await self.meter.preempted(mine)
+        except MeterUnavailable as exc:
+            metrics.REDIS_ERRORS.labels(operation="slot").inc()
+            log.debug("preemption notices unread: redis unavailable (%s)", exc)
+            return []
 
     def observe_ttft(self, tier_name: str, tier: Tier, ttft_s: float) -> None:
         """A request of `tier` got its first token after `ttft_s` seconds."""

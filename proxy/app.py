@@ -90,6 +90,7 @@ def create_app(settings: Settings) -> FastAPI:
         loops = [
             background.start("housekeeping", settings.reap_interval_s, lambda: _housekeeping(gateway)),
             background.start("lease_refresh", settings.lease_ttl_s / 3, gateway.refresh),
+            background.start("preemptions", settings.admission.release_interval_s, gateway.end_preempted),
             background.start("redis_heartbeat", HEARTBEAT_S, meter.heartbeat),
         ]
         try:

@@ -69,6 +69,7 @@ class Gateway:
         self.flights: dict[str, Flight] = {}
         self._local_live: dict[str, int] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._preempting: set[asyncio.Task[bool]] = set()
 
     def principal(self, request: Request) -> Principal:
         """The caller, from their bearer key, or a 401."""
@@ -150,6 +151,7 @@ class Gateway:
             model=model,
             user=principal.user_id,
             cost=plan.ceiling,
+            preemptible=tier.preemptible and generation.stream,
             starved=self._preempt,
         )
         if ticket is None:
@@ -335,10 +337,18 @@ class Gateway:
             gap = (tally.last_token_at - tally.first_token_at) / (event.completion_tokens - 1)
             metrics.ITL.labels(tier).observe(gap)
 
-    def _preempt(self, priority: int, upstreams: Sequence[UpstreamState]) -> bool:
-        """Ask the stream that matters least on one of `upstreams` to end: of this process's
-        streams of `preemptible` tiers worse than `priority`, one already generating first, then
-        the worst priority, then the newest. False when there is none."""
+    async def _preempt(self, priority: int, upstreams: Sequence[UpstreamState]) -> bool:
+        """Ask the stream that matters least on one of `upstreams` to end, for a request of
+        `priority` that has no slot: the worst-priority stream of a `preemptible` tier worse
+        than `priority`, chosen over every replica in Redis (its replica ends it within
+        `release_interval_s`); else, of this process's streams Redis does not list (it was
+        unreachable when they started), one already generating, the worst, the newest. False
+        when there is none."""
+        chosen = await self.admission.preempt(priority, upstreams)
+        if chosen is not None:
+            if (flight := self.flights.get(chosen)) is not None:
+                self._end_early(flight, priority)
+            return True
         victims = [
             flight
             for flight in self.flights.values()
@@ -347,6 +357,7 @@ class Gateway:
             and flight.principal.tier.priority > priority
             and not flight.tally.preempt
             and any(flight.upstream is state for state in upstreams)
+            and not self._listed(flight)
         ]
         if not victims:
             return False
@@ -354,16 +365,34 @@ class Gateway:
             victims,
             key=lambda f: (f.tally.first_token_at is not None, f.principal.tier.priority, f.started),
         )
-        victim.tally.preempt = True
-        metrics.PREEMPTIONS.labels(tier=victim.principal.tier_name).inc()
-        log.info("request %s preempted for a request of priority %d", victim.request_id, priority)
+        self._end_early(victim, priority)
         return True
+
+    def _listed(self, flight: Flight) -> bool:
+        ticket = self.admission.tickets.get(flight.request_id)
+        return ticket is not None and ticket.preemptible
+
+    def _end_early(self, flight: Flight, priority: int | None = None) -> None:
+        """Have a preempted stream end at its next chunk."""
+        if flight.tally.preempt:
+            return
+        flight.tally.preempt = True
+        metrics.PREEMPTIONS.labels(tier=flight.principal.tier_name).inc()
+        log.info("request %s preempted for a request of priority %s", flight.request_id, priority)
+
+    async def end_preempted(self) -> None:
+        """End this process's streams that a replica asked to end (see `_preempt`)."""
+        for request_id in await self.admission.asked_to_end():
+            if (flight := self.flights.get(request_id)) is not None:
+                self._end_early(flight)
 
     def _starved_in_vllm(self, flight: Flight) -> None:
         """A protected request sent past its upstream's capacity has no first token yet."""
         self._timers.pop(flight.request_id, None)
         if flight.request_id in self.flights and flight.tally.first_token_at is None:
-            self._preempt(flight.principal.tier.priority, [flight.upstream])
+            task = asyncio.create_task(self._preempt(flight.principal.tier.priority, [flight.upstream]))
+            self._preempting.add(task)
+            task.add_done_callback(self._preempting.discard)
 
     async def refresh(self) -> None:
         """Push out the lease of every reservation in flight and record its usage so far, whatever

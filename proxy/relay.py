@@ -27,6 +27,9 @@ _FINGERPRINT = b',"system_fingerprint":'
 _decoder = json.JSONDecoder()
 DRAIN_READ_S = 0.005
 DRAIN_TOTAL_S = 1.0
+# A preempted stream frees a slot a protected request waits for: what vLLM sends while it is
+# drained is read for this long at most (vLLM keeps generating until the connection closes).
+PREEMPT_DRAIN_S = 0.1
 
 
 def split_usage(payload: bytes) -> tuple[dict | None, bytes]:
@@ -117,10 +120,12 @@ def cut_events(tally: StreamTally, mode: UsageMode, chat: bool) -> bytes:
     return body + _DONE + b"\n\n"
 
 
-async def _drain(reads: AsyncIterator[bytes], tally: StreamTally, buffer: bytes) -> None:
-    """Read what vLLM already sent (each read may wait `DRAIN_READ_S`, all of it `DRAIN_TOTAL_S`)
+async def _drain(
+    reads: AsyncIterator[bytes], tally: StreamTally, buffer: bytes, total_s: float = DRAIN_TOTAL_S
+) -> None:
+    """Read what vLLM already sent (each read may wait `DRAIN_READ_S`, all of it `total_s`)
     and count its usage, so that a hang-up or a cut bills every token vLLM reported."""
-    deadline = monotonic() + DRAIN_TOTAL_S
+    deadline = monotonic() + total_s
     while monotonic() < deadline:
         try:
             buffer += await asyncio.wait_for(anext(reads), DRAIN_READ_S)
@@ -142,8 +147,9 @@ async def _cut_short(
     chat: bool,
 ) -> bytes:
     """The client's last bytes of a stream ended early: what is ready in `out`, then the events
-    that end it, once what vLLM already sent is drained and counted."""
-    await _drain(reads, tally, buffer)
+    that end it, once what vLLM already sent is drained and counted (for `PREEMPT_DRAIN_S` at
+    most when preempted)."""
+    await _drain(reads, tally, buffer, PREEMPT_DRAIN_S if tally.preempted else DRAIN_TOTAL_S)
     return b"".join([*out, cut_events(tally, mode, chat)])
 
 

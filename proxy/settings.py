@@ -69,7 +69,7 @@ class Admission(_Section):
     step: Annotated[float, Field(gt=0, le=1)] = 0.1
     # A protected request with no slot after this fraction of its objective ends the stream of
     # the lowest `preemptible` tier on its upstream.
-    preempt_after: Annotated[float, Field(gt=0, le=1)] = 0.5
+    preempt_after: Annotated[float, Field(gt=0, le=1)] = 0.25
     # Held requests are retried this often (and at once when this process frees a slot).
     release_interval_s: Annotated[float, Field(gt=0)] = 0.05
     # A slot not refreshed for this long is dropped (its replica died); refreshed every third.

@@ -25,6 +25,7 @@ from metering.meter import (
     MeterRefused,
     MeterUnavailable,
     ReserveRequest,
+    SlotTurn,
 )
 from metering.pipeline import ScriptConnection
 from metering.settler import Settler
@@ -306,18 +307,25 @@ def test_reaper_prices_cached_prompt_tokens_like_settlement(redis_url: str) -> N
     run(scenario, redis_url)
 
 
+def turn(priority: int = 7, replica: str = "r1", wait_ttl_s: float = 1.0) -> SlotTurn:
+    return SlotTurn(replica, "tiny", priority, wait_ttl_s)
+
+
+TURN = turn()
+
+
 def test_slots_go_to_the_upstream_with_most_room_and_never_past_a_limit(redis_url: str) -> None:
     async def scenario(redis: Redis) -> None:
         meter = Meter(redis)
-        taken = [await meter.take_slot(f"r{i}", [("a", 2), ("b", 3)], 10) for i in range(5)]
+        taken = [await meter.take_slot(f"r{i}", [("a", 2), ("b", 3)], 10, TURN) for i in range(5)]
         assert taken == [(1, [1]), (0, [1]), (1, [2]), (0, [2]), (1, [3])]
-        assert await meter.take_slot("r5", [("a", 2), ("b", 3)], 10) == (None, [2, 3])
-        assert await meter.take_slot("r0", [("a", 2), ("b", 3)], 10) == (1, [3]), "a retry counts once"
+        assert await meter.take_slot("r5", [("a", 2), ("b", 3)], 10, TURN) == (None, [2, 3])
+        assert await meter.take_slot("r0", [("a", 2), ("b", 3)], 10, TURN) == (1, [3]), "a retry counts once"
         await meter.free_slot("b", "r0")
         await meter.free_slot("b", "r0")
         assert await redis.zcard("cg:{slots}:b") == 2
-        assert await meter.take_slot("r5", [("a", 2), ("b", 3)], 10) == (1, [3])
-        assert await meter.take_slot("r6", [("a", 0), ("b", 0)], 10) == (None, [2, 3])
+        assert await meter.take_slot("r5", [("a", 2), ("b", 3)], 10, TURN) == (1, [3])
+        assert await meter.take_slot("r6", [("a", 0), ("b", 0)], 10, TURN) == (None, [2, 3])
 
     run(scenario, redis_url)
 
@@ -329,13 +337,65 @@ def test_a_slot_not_touched_expires_and_one_touched_stays(redis_url: str) -> Non
         clock = Clock()
         meter = Meter(redis, clock=clock)
         for rid in ("alive", "dead", "freed"):
-            await meter.take_slot(rid, [("a", 10)], 10)
+            await meter.take_slot(rid, [("a", 10)], 10, TURN)
         await meter.free_slot("a", "freed")
         clock.now += 8
         assert await meter.touch_slots("a", ["alive", "freed"], 10) == 1
         clock.now += 8
-        assert await meter.take_slot("next", [("a", 10)], 10) == (0, [2])
+        assert await meter.take_slot("next", [("a", 10)], 10, TURN) == (0, [2])
         assert {m.decode() for m in await redis.zrange("cg:{slots}:a", 0, -1)} == {"alive", "next"}
+
+    run(scenario, redis_url)
+
+
+def test_preemption_chooses_the_worst_live_preemptible_request_once(redis_url: str) -> None:
+    async def scenario(redis: Redis) -> None:
+        clock = Clock()
+        meter = Meter(redis, clock=clock)
+        limits = [("a", 10), ("b", 10)]
+        await meter.take_slot("unary", limits, 10, TURN)
+        await meter.take_slot("mid", limits, 10, turn(10), preemptible=True)
+        await meter.take_slot("low", limits, 10, turn(20), preemptible=True)
+        await meter.take_slot("gone", limits, 10, turn(30), preemptible=True)
+        await meter.take_slot("dead", limits, 1, turn(40), preemptible=True)
+        await meter.free_slot("b", "gone")
+        clock.now += 2
+        assert await meter.preempt_slot(["a", "b"], 5, 10) == ("a", "low"), "freed and expired skipped"
+        assert await meter.preempt_slot(["a", "b"], 5, 10) == ("b", "mid")
+        assert await meter.preempt_slot(["a", "b"], 5, 10) is None
+        assert await meter.preempted(["unary", "mid", "low"]) == ["mid", "low"]
+        assert await meter.preempted(["mid", "low"]) == [], "each notice is handed out once"
+        await meter.take_slot("top", limits, 10, turn(0), preemptible=True)
+        assert await meter.preempt_slot(["a", "b"], 0, 10) is None, "never an equal priority"
+        assert await meter.preempt_slot(["a", "b"], -1, 10) == ("b", "top")
+        await meter.free_slot("b", "top")
+        assert await meter.preempted(["top"]) == [], "freeing withdraws the notice"
+
+    run(scenario, redis_url)
+
+
+def test_replicas_waiting_for_slots_take_turns_by_priority_then_waiting_time(redis_url: str) -> None:
+    """A replica that frees a slot cannot keep it for its own queue while another replica waits
+    at the same priority (or a better one) for longer; a waiting record that is not renewed lapses."""
+
+    async def scenario(redis: Redis) -> None:
+        clock = Clock()
+        meter = Meter(redis, clock=clock)
+        one = [("a", 1)]
+        assert await meter.take_slot("a1", one, 10, turn(7, "A")) == (0, [1])
+        assert await meter.take_slot("b1", one, 10, turn(7, "B")) == (None, [1])
+        clock.now += 0.1
+        assert await meter.take_slot("a2", one, 10, turn(7, "A")) == (None, [1])
+        await meter.free_slot("a", "a1")
+        assert await meter.take_slot("a2", one, 10, turn(7, "A")) == (None, [0]), "B waited longer"
+        assert await meter.take_slot("b1", one, 10, turn(7, "B")) == (0, [1])
+        await meter.free_slot("a", "b1")
+        assert await meter.take_slot("c1", one, 10, turn(3, "C")) == (0, [1]), "a better priority first"
+        await meter.free_slot("a", "c1")
+        clock.now += 0.1
+        assert await meter.take_slot("b2", one, 10, turn(7, "B")) == (None, [0]), "A's turn now"
+        clock.now += 1.5
+        assert await meter.take_slot("b2", one, 10, turn(7, "B")) == (0, [1]), "A stopped asking"
 
     run(scenario, redis_url)
 
@@ -344,9 +404,9 @@ def test_slot_scripts_refuse_bad_arguments(redis_url: str) -> None:
     async def scenario(redis: Redis) -> None:
         meter = Meter(redis)
         with pytest.raises(MeterRefused):
-            await meter.take_slot("r", [("a", -1)], 10)
+            await meter.take_slot("r", [("a", -1)], 10, TURN)
         with pytest.raises(MeterRefused):
-            await meter.take_slot("r", [("a", 1), ("b", 0.5)], 10)  # type: ignore[list-item]
+            await meter.take_slot("r", [("a", 1), ("b", 0.5)], 10, TURN)  # type: ignore[list-item]
         assert [k async for k in redis.scan_iter(match="cg:*")] == []
 
     run(scenario, redis_url)

@@ -246,9 +246,10 @@ def test_a_single_request_is_not_pushed_behind_a_busy_users_twenty(replicas: Rep
 def test_a_starved_protected_request_preempts_a_preemptible_stream_which_ends_cleanly_and_billed(
     replicas: Replicas, vllm: VllmServer
 ) -> None:
-    """A long stream of the preemptible low tier holds the one slot below the headroom; a request
-    of the pro tier (priority 3, with an objective, below the top tier's headroom) finds no slot.
-    After half its objective capgate ends the low stream: the openai SDK sees a normal end
+    """A long stream of the preemptible low tier, through replica B, holds the one slot below the
+    headroom; a request of the pro tier (priority 3, with an objective, below the top tier's
+    headroom) through replica A finds no slot. After a quarter of its objective A chooses the low stream
+    in Redis and B ends it: the openai SDK sees a normal end
     (finish_reason "length", the usage, no error), the ledger says "preempted" and bills exactly
     the usage vLLM reported for it (vLLM's own counter may be ahead by the tokens its engine made
     before it saw the abort), and the pro request's first token comes within its objective."""
@@ -258,12 +259,12 @@ def test_a_starved_protected_request_preempts_a_preemptible_stream_which_ends_cl
         "pro": {"priority": 3, "ttft_objective_s": OBJECTIVE_S},
         "low": {"priority": 7, "preemptible": True},
     }
-    a, _ = replicas(tiers, {low: "low", pro: "pro"})
+    a, b = replicas(tiers, {low: "low", pro: "pro"})
     vllm.wait_quiet()
     before, _ = generated(vllm)
 
     async def scenario() -> tuple[Streamed, Streamed]:
-        victim = asyncio.create_task(stream(a, low, 2000))
+        victim = asyncio.create_task(stream(b, low, 2000))
         async with httpx.AsyncClient(timeout=10) as http:
             while await vllm_load(vllm, http) < 1:
                 assert not victim.done(), "the low stream ended before it ran"
@@ -276,7 +277,7 @@ def test_a_starved_protected_request_preempts_a_preemptible_stream_which_ends_cl
     print(f"\npreempted after {victim.tokens} tokens; protected ttft {protected.ttft:.3f} s")
     assert victim.finish_reason == "length" and 0 < victim.tokens < 2000
     assert protected.tokens == 16 and protected.ttft < OBJECTIVE_S
-    [event] = wait_for_events(a, low, 1)
+    [event] = wait_for_events(b, low, 1)
     assert event["finish_reason"] == "preempted"
     assert int(event["completion_tokens"]) == victim.tokens, "billed what vLLM reported for it"
     vllm.wait_quiet()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import pytest
 from prometheus_client import REGISTRY
 
-from metering.meter import MeterUnavailable
+from metering.meter import MeterUnavailable, SlotTurn
 from policies.schema import Tier
 from proxy.admission import UNLIMITED, Admission, Ticket
 from proxy.errors import APIError
@@ -46,10 +46,13 @@ class StubPool:
 
 @dataclass
 class SlotMeter:
-    """The slot scripts' contract in memory: take the upstream with the most room under its limit
-    (idempotent per request id), free once. `down` makes every call fail as Redis being away."""
+    """The slot scripts' contract in memory, for one replica (turns between replicas are tested
+    on Redis): take the upstream with the most room under its limit (idempotent per request id),
+    free once. `down` makes every call fail as Redis being away."""
 
     slots: dict[str, set[str]] = field(default_factory=dict)
+    victims: dict[str, dict[str, int]] = field(default_factory=dict)
+    notices: set[str] = field(default_factory=set)
     down: bool = False
 
     def _check(self) -> None:
@@ -57,7 +60,12 @@ class SlotMeter:
             raise MeterUnavailable("connection refused")
 
     async def take_slot(
-        self, request_id: str, limits: Sequence[tuple[str, int]], ttl_s: float
+        self,
+        request_id: str,
+        limits: Sequence[tuple[str, int]],
+        ttl_s: float,
+        turn: SlotTurn,
+        preemptible: bool = False,
     ) -> tuple[int | None, list[int]]:
         self._check()
         sizes = [len(self.slots.setdefault(label, set())) for label, _ in limits]
@@ -69,11 +77,38 @@ class SlotMeter:
         if rooms[best] <= 0:
             return None, sizes
         self.slots[limits[best][0]].add(request_id)
+        if preemptible:
+            self.victims.setdefault(limits[best][0], {})[request_id] = turn.priority
         return best, [sizes[best] + 1]
 
     async def free_slot(self, upstream: str, request_id: str) -> None:
         self._check()
         self.slots.get(upstream, set()).discard(request_id)
+        self.victims.get(upstream, {}).pop(request_id, None)
+        self.notices.discard(request_id)
+
+    async def preempt_slot(
+        self, upstreams: Sequence[str], priority: int, ttl_s: float
+    ) -> tuple[str, str] | None:
+        self._check()
+        worse = [
+            (rank, upstream, rid)
+            for upstream in upstreams
+            for rid, rank in self.victims.get(upstream, {}).items()
+            if rank > priority
+        ]
+        if not worse:
+            return None
+        _, upstream, rid = max(worse)
+        del self.victims[upstream][rid]
+        self.notices.add(rid)
+        return upstream, rid
+
+    async def preempted(self, request_ids: Sequence[str]) -> list[str]:
+        self._check()
+        asked = [rid for rid in request_ids if rid in self.notices]
+        self.notices.difference_update(asked)
+        return asked
 
     async def touch_slots(self, upstream: str, request_ids: Sequence[str], ttl_s: float) -> int:
         self._check()
@@ -330,7 +365,7 @@ def test_a_starved_protected_request_asks_for_a_preemption_once() -> None:
         await settle()
         calls: list[int] = []
 
-        def starved(priority: int, upstreams: Sequence[UpstreamState]) -> bool:
+        async def starved(priority: int, upstreams: Sequence[UpstreamState]) -> bool:
             calls.append(priority)
             assert list(upstreams) == pool.states
             return True
@@ -445,5 +480,30 @@ def test_no_healthy_upstream_admits_to_none() -> None:
         pool.states[0].healthy = False
         gate = admission(pool)
         assert await gate.admit("low", "low", TIERS["low"], TIERS, model=MODEL, user="u", cost=1) is None
+
+    run(scenario)
+
+
+def test_preemptible_streams_are_listed_and_the_worst_is_chosen_once_for_its_replica() -> None:
+    async def scenario() -> None:
+        pool = pool_of(slots=8)
+        meter = SlotMeter()
+        replica, other = admission(pool, meter), admission(pool, meter)
+        here, there = Requests(replica), Requests(other)
+        here.send("mid-stream", "mid", preemptible=True)
+        there.send("low-stream", "low", preemptible=True)
+        here.send("low-unary", "low")
+        await settle()
+        assert replica.tickets["mid-stream"].preemptible and not replica.tickets["low-unary"].preemptible
+        assert await replica.preempt(5, pool.states) == "low-stream", "the worst priority, any replica"
+        assert await other.asked_to_end() == ["low-stream"]
+        assert await other.asked_to_end() == [], "each notice is handed out once"
+        assert await replica.preempt(5, pool.states) == "mid-stream"
+        assert await replica.preempt(5, pool.states) is None
+        assert await replica.preempt(20, pool.states) is None, "only worse priorities are preempted"
+        meter.down = True
+        assert await replica.preempt(5, pool.states) is None and await replica.asked_to_end() == []
+        await here.end()
+        await there.end()
 
     run(scenario)

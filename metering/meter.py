@@ -37,6 +37,11 @@ _LIB = (_HERE / "lib.lua").read_text()
 REFUSED = "CAPGATE_ARG"  # how a script's error reply for arguments it refuses begins
 
 
+def decoded(value: object) -> str:
+    """A Redis reply value as text (replies are bytes unless the client decodes them)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 @dataclass(frozen=True, slots=True)
 class SlotTurn:
     """Who takes a slot: the replica (process) asking, the model and priority of its request, and
@@ -212,7 +217,7 @@ class Meter:
                 int(reply[1]),
                 int(reply[2]),
             )
-        reason = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+        reason = decoded(reply[1])
         if reason == "concurrency":
             raise ConcurrencyExceeded(req.tier.max_concurrent or 0)
         slot = slots[int(reply[2]) - 1]
@@ -281,7 +286,7 @@ class Meter:
                 *slot_args,
             ],
         )
-        return reply.decode() if isinstance(reply, bytes) else str(reply)
+        return decoded(reply)
 
     async def reap_user(self, user_id: str) -> int:
         """Reap one user's expired reservations; the number reaped."""
@@ -295,7 +300,7 @@ class Meter:
         reaped = 0
         try:
             async for key in self.redis.scan_iter(match=LIVE_PATTERN, count=500):
-                name = key.decode() if isinstance(key, bytes) else key
+                name = decoded(key)
                 expired = await self.redis.zcount(name, "-inf", now_ms - 1)
                 if expired:
                     reaped += await self.reap_user(user_of_key(name))
@@ -356,8 +361,7 @@ class Meter:
         assert isinstance(reply, list)
         if reply[0] == 0:
             return None
-        rid = reply[1]
-        return upstreams[int(reply[0]) - 1], rid.decode() if isinstance(rid, bytes) else str(rid)
+        return upstreams[int(reply[0]) - 1], decoded(reply[1])
 
     async def preempted(self, request_ids: Sequence[str]) -> list[str]:
         """Those of `request_ids` a replica asked to end (each notice is handed out once)."""
@@ -365,7 +369,7 @@ class Meter:
             self._slot_preempted, [PREEMPTED_KEY], [int(self.clock() * 1000), *request_ids]
         )
         assert isinstance(reply, list)
-        return [rid.decode() if isinstance(rid, bytes) else str(rid) for rid in reply]
+        return [decoded(rid) for rid in reply]
 
     async def touch_slots(self, upstream: str, request_ids: Sequence[str], ttl_s: float) -> int:
         """Push out the slot expiry of requests still counted on `upstream`; how many were."""

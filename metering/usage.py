@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 from metering.events import LEDGER_FIELDS
 from metering.keys import LEDGER_PATTERN, TOTALS_PATTERN, UserKeys, user_of_key
-from metering.meter import RedisClient
+from metering.meter import RedisClient, decoded
 from metering.windows import slot_of
 from policies.money import nano_to_decimal
 from policies.schema import Tier
@@ -27,10 +27,6 @@ class WindowUsage:
     resets_in_s: int
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 async def user_usage(redis: RedisClient, user_id: str, tier_name: str, tier: Tier, currency: str) -> dict:
     """A user's windows, in-flight requests and totals, as a JSON-ready mapping."""
     now = time.time()
@@ -39,13 +35,13 @@ async def user_usage(redis: RedisClient, user_id: str, tier_name: str, tier: Tie
     for window in tier.caps.windows:
         slot = slot_of(window, now)
         fields = await redis.hgetall(keys.window(slot.name))
-        live = {int(_text(k)): int(_text(v)) for k, v in fields.items() if int(_text(k)) >= slot.lo}
+        live = {int(decoded(k)): int(decoded(v)) for k, v in fields.items() if int(decoded(k)) >= slot.lo}
         used = sum(live.values())
         oldest = min((k for k, v in live.items() if v > 0), default=None)
         windows.append(
             WindowUsage(slot.name, slot.cap, used, max(0, slot.cap - used), slot.retry_after(now, oldest))
         )
-    totals = {_text(k): int(_text(v)) for k, v in (await redis.hgetall(keys.totals)).items()}
+    totals = {decoded(k): int(decoded(v)) for k, v in (await redis.hgetall(keys.totals)).items()}
     in_flight = await redis.zcard(keys.live)
     overall = {k: v for k, v in totals.items() if not k.startswith("tier:")}
     return {
@@ -65,12 +61,12 @@ async def tier_totals(redis: RedisClient) -> dict[str, dict[str, int]]:
     atomically with each settlement)."""
     tiers: dict[str, dict[str, int]] = {}
     async for key in redis.scan_iter(match=TOTALS_PATTERN, count=500):
-        for field, value in (await redis.hgetall(_text(key))).items():
-            name = _text(field)
+        for field, value in (await redis.hgetall(decoded(key))).items():
+            name = decoded(field)
             if name.startswith("tier:"):
                 tier, metric = name[5:].rsplit(":", 1)
                 totals = tiers.setdefault(tier, {})
-                totals[metric] = totals.get(metric, 0) + int(_text(value))
+                totals[metric] = totals.get(metric, 0) + int(decoded(value))
     return tiers
 
 
@@ -79,10 +75,10 @@ async def ledger_events(redis: RedisClient, since_ms: int = 0, until_ms: int | N
     events: list[dict] = []
     end = "+" if until_ms is None else str(until_ms)
     async for key in redis.scan_iter(match=LEDGER_PATTERN, count=500):
-        name = _text(key)
+        name = decoded(key)
         for entry_id, fields in await redis.xrange(name, min=str(since_ms), max=end):
-            event = {_text(k): _text(v) for k, v in fields.items()}
-            event["entry_id"] = _text(entry_id)
+            event = {decoded(k): decoded(v) for k, v in fields.items()}
+            event["entry_id"] = decoded(entry_id)
             event.setdefault("user", user_of_key(name))
             events.append(event)
     events.sort(key=lambda e: (int(e["entry_id"].split("-")[0]), e["entry_id"]))

@@ -8,6 +8,7 @@ import httpx
 from fastapi import FastAPI
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -19,7 +20,7 @@ from metering.spool import Spool
 from metering.usage import export_text, ledger_events, tier_totals, user_usage
 from proxy import background, metrics
 from proxy.admission import Admission
-from proxy.errors import APIError, unauthorized
+from proxy.errors import APIError, route_error, unauthorized
 from proxy.gateway import Gateway
 from proxy.inbound import bearer_key
 from proxy.openai.api_router import openai_routes
@@ -113,6 +114,10 @@ def create_app(settings: Settings) -> FastAPI:
     async def api_error(request: Request, error: APIError) -> Response:
         return error.response()
 
+    @app.exception_handler(HTTPException)
+    async def no_route(request: Request, error: HTTPException) -> Response:
+        return route_error(request.method, request.url.path, error.status_code, error.headers).response()
+
     def gateway_of(request: Request) -> Gateway:
         return request.app.state.gateway
 
@@ -120,19 +125,12 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
+        """The models of every healthy upstream the caller's tier may use, with vLLM's cards
+        (as last polled)."""
         gateway = gateway_of(request)
         principal = gateway.principal(request)
-        served = [m for m in gateway.pool.models() if principal.tier.allows_model(m)]
-        state = gateway.pool.pick(served[0]) if served else None
-        if state is None:
-            return JSONResponse({"object": "list", "data": []})
-        try:
-            reply = await gateway.pool.client.get(f"{state.upstream.url}/v1/models")
-        except httpx.HTTPError as exc:
-            raise APIError(502, f"upstream unreachable: {exc}", type="upstream_error") from exc
-        listing = reply.json()
-        listing["data"] = [card for card in listing.get("data", []) if card.get("id") in served]
-        return JSONResponse(listing)
+        cards = [card for card in gateway.pool.model_cards() if principal.tier.allows_model(card["id"])]
+        return JSONResponse({"object": "list", "data": cards})
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -45,6 +45,22 @@ class APIError(Exception):
         )
 
 
+_SHOWN_PATH = 256  # characters of a request path an error message repeats
+
+
+def route_error(method: str, path: str, status: int, headers: dict[str, str] | None = None) -> APIError:
+    """The error for a request no route serves: an unknown path (404, as OpenAI words it) or a
+    method the path does not take (405, with its `Allow` header); the path is shortened."""
+    shown = path if len(path) <= _SHOWN_PATH else path[:_SHOWN_PATH] + "..."
+    if status == 404:
+        return APIError(404, f"Invalid URL ({method} {shown})", code="unknown_url")
+    if status == 405:
+        return APIError(
+            405, f"Method not allowed ({method} {shown})", code="method_not_allowed", headers=headers
+        )
+    return APIError(status, f"cannot serve {method} {shown}", headers=headers)
+
+
 def unauthorized(message: str) -> APIError:
     return APIError(
         401,

@@ -1,7 +1,7 @@
 """The vLLM upstreams: one shared HTTP client, what each serves, how loaded each is.
 
-A background poller reads each upstream's `/v1/models` (served models and their context length)
-and `/metrics` (`vllm:num_requests_waiting`, `vllm:num_requests_running`,
+A background poller reads each upstream's `/v1/models` (served models, their cards and context
+length) and `/metrics` (`vllm:num_requests_waiting`, `vllm:num_requests_running`,
 `vllm:kv_cache_usage_perc`). Load older than `stale_after_s` counts as unknown, never as idle.
 An upstream's capacity (requests run at once) is its `slots` setting, else learned from those
 gauges: the most vLLM ran while requests waited, on two readings in a row.
@@ -48,6 +48,7 @@ class UpstreamState:
 
     upstream: Upstream
     models: dict[str, int] = field(default_factory=dict)
+    cards: dict[str, dict] = field(default_factory=dict)  # model id -> its card, as vLLM lists it
     overheads: dict[str, TemplateOverhead] = field(default_factory=dict)
     healthy: bool = False
     load: Load | None = None
@@ -96,6 +97,16 @@ class UpstreamPool:
                 served.update(state.models)
         return served
 
+    def model_cards(self) -> list[dict]:
+        """The card of every model a healthy upstream serves, each id once (from the first
+        upstream in the configured order that lists it)."""
+        cards: dict[str, dict] = {}
+        for state in self.states:
+            if state.healthy:
+                for model, card in state.cards.items():
+                    cards.setdefault(model, card)
+        return list(cards.values())
+
     def candidates(self, model: str) -> list[UpstreamState]:
         """The healthy upstreams serving `model`, least loaded first (vLLM's running and waiting
         requests, then this process's requests in flight; unknown load counts as none)."""
@@ -119,7 +130,8 @@ class UpstreamPool:
         base = state.upstream.url
         try:
             models = (await self.client.get(f"{base}/v1/models", timeout=5.0)).json()
-            served = {card["id"]: int(card.get("max_model_len") or 0) for card in models["data"]}
+            cards = {card["id"]: card for card in models["data"]}
+            served = {model: int(card.get("max_model_len") or 0) for model, card in cards.items()}
             metrics = await self.client.get(f"{base}/metrics", timeout=5.0)
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             if state.healthy:
@@ -128,7 +140,7 @@ class UpstreamPool:
             return
         for model in served.keys() - state.overheads.keys():
             state.overheads[model] = await self._calibrate(base, model)
-        state.models = served
+        state.models, state.cards = served, cards
         if not state.healthy:
             log.info("upstream %s serves %s", state.upstream.label, sorted(served))
         state.healthy = True

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import openai
 import pytest
 from harness import VllmServer
 from harness.capgate_server import CapgateServer
@@ -36,9 +37,26 @@ def direct(vllm_server: VllmServer) -> OpenAI:
 
 
 def test_models_lists_what_vllm_serves(proxied: OpenAI, direct: OpenAI) -> None:
-    through = proxied.models.list()
-    assert [m.id for m in through.data] == [m.id for m in direct.models.list().data] == ["tiny"]
-    assert through.data[0].model_dump()["max_model_len"] == MAX_MODEL_LEN
+    through, own = proxied.models.list(), direct.models.list()
+    assert [m.id for m in through.data] == [m.id for m in own.data] == ["tiny"]
+    card = through.data[0].model_dump()
+    assert card["max_model_len"] == MAX_MODEL_LEN
+
+    # vLLM stamps `created` and a fresh permission id when it answers; the rest is passed on as it is.
+    def stable(listed: dict) -> dict:
+        return {key: value for key, value in listed.items() if key not in ("created", "permission")}
+
+    assert stable(card) == stable(own.data[0].model_dump())
+
+
+def test_a_route_capgate_does_not_serve_is_an_openai_error(proxied: OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as unknown:
+        proxied.post("/nowhere", cast_to=httpx.Response, body={"model": "tiny"})
+    assert unknown.value.code == "unknown_url" and "POST /v1/nowhere" in unknown.value.message
+    with pytest.raises(openai.APIStatusError) as wrong_method:
+        proxied.get("/chat/completions", cast_to=httpx.Response)
+    assert wrong_method.value.status_code == 405 and wrong_method.value.code == "method_not_allowed"
+    assert wrong_method.value.response.headers["allow"] == "POST"
 
 
 def test_models_needs_a_key(gateway: CapgateServer) -> None:

@@ -19,7 +19,9 @@ priority in turn, weighted by the tokens asked); across replicas, the slot scrip
 replica whose next request has the better priority, or has waited longer, go first. The queue is
 retried every `release_interval_s` and whenever this process frees a slot; a request still waiting after
 `queue_timeout_s` is shed with a 429. When Redis cannot be reached, slots are counted by this
-process alone (`capgate_redis_errors_total{operation="slot"}`), and once it is back those
+process alone (`capgate_redis_errors_total{operation="slot"}`) once takes have failed for
+`local_count_after_s` (until then held tiers wait: a slow Redis reply is not an outage, and
+counting alone while other replicas count too would overfill the upstream); once it is back those
 tickets still count against this process's takes until they end; when an upstream's load is
 unknown (stale or missing metrics) only its slot count applies, said in a log line and in
 `capgate_admission_degraded`.
@@ -85,6 +87,7 @@ class Admission:
         self._queue: FairQueue[_Waiter] = FairQueue()
         self._wake = asyncio.Event()
         self._degraded = False
+        self._unreachable_since: float | None = None  # when slot takes started failing
         self._loops: list[asyncio.Task[None]] = []
 
     @property
@@ -162,8 +165,14 @@ class Admission:
                 waiter.preemptible,
             )
             counted = True
+            self._unreachable_since = None
         except MeterUnavailable as exc:
             metrics.REDIS_ERRORS.labels(operation="slot").inc()
+            if self._unreachable_since is None:
+                self._unreachable_since = now
+            if tier.priority > best and now - self._unreachable_since < self.settings.local_count_after_s:
+                log.debug("held: slot take failed (%s)", exc)
+                return None
             log.debug("slots counted locally: redis unavailable (%s)", exc)
             rooms = [limit - state.in_flight for state, limit in zip(states, limits, strict=True)]
             index = max(range(len(states)), key=rooms.__getitem__)

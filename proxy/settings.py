@@ -74,6 +74,9 @@ class Admission(_Section):
     release_interval_s: Annotated[float, Field(gt=0)] = 0.05
     # A slot not refreshed for this long is dropped (its replica died); refreshed every third.
     slot_ttl_s: Annotated[float, Field(gt=0)] = 10.0
+    # Slot takes failing (Redis unreachable or too slow) for this long before this process counts
+    # slots alone; until then held tiers wait, so a stall of Redis cannot overfill an upstream.
+    local_count_after_s: Annotated[float, Field(ge=0)] = 1.0
 
 
 class Settings(_Section):

@@ -596,7 +596,10 @@ def test_concurrency_limit_holds_across_two_proxies_and_every_ending_frees_the_s
     }
     policy = tmp_path / "policy.yaml"
     policy.write_text(policy_yaml({"solo": solo, "duo": duo}, {ender: "solo", hanger: "solo", cutter: "duo"}))
-    long_chat = {"model": MODEL, "messages": MESSAGES, "max_tokens": 400, "stream": True, "ignore_eos": True}
+    # Over the slow link a chat chunk of ~250 bytes is ~2.5 ms: the ender's stream lasts ~3 s, the
+    # hanger's would last ~10 s if it were read, so each is surely still running during its checks.
+    long_chat = {"model": MODEL, "messages": MESSAGES, "max_tokens": 1200, "stream": True, "ignore_eos": True}
+    hanging_chat = {**long_chat, "max_tokens": 4000}
     # Two leased streams of one user compete for a day's cap that cannot hold both, even counted
     # exactly (2 x 1200 completion tokens and their prompts over 2300), in whatever order they run:
     # an extension is refused and the relay cuts.
@@ -621,7 +624,7 @@ def test_concurrency_limit_holds_across_two_proxies_and_every_ending_frees_the_s
         wait_settled(first)
         assert chat(second, ender, max_tokens=2).status_code == 200, "slot back after the request ended"
 
-        with open_streams((first, hanger, "/v1/chat/completions", long_chat)):
+        with open_streams((first, hanger, "/v1/chat/completions", hanging_chat)):
             assert_concurrency_refused(both, hanger)
         wait_settled(first)
         assert outcomes(first).get("client_disconnected") == 1

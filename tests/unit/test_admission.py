@@ -386,7 +386,7 @@ def test_redis_down_counts_slots_in_this_process_and_says_so() -> None:
     async def scenario() -> None:
         pool = pool_of(slots=3)
         meter = SlotMeter(down=True)
-        gate = admission(pool, meter, headroom=1)
+        gate = admission(pool, meter, headroom=1, local_count_after_s=0)
         before = sample("capgate_redis_errors_total", {"operation": "slot"})
         sent = Requests(gate)
         for i in range(4):
@@ -400,6 +400,29 @@ def test_redis_down_counts_slots_in_this_process_and_says_so() -> None:
         await gate._release()
         await settle()
         assert sent.admitted() == ["low-1", "low-2"] and sent.ticket("low-2").counted
+        await sent.end()
+
+    run(scenario)
+
+
+def test_a_failing_slot_take_holds_lower_tiers_until_redis_counts_as_down() -> None:
+    """A slow or refused take is not yet an outage: counting alone then, while other replicas
+    count in Redis, would overfill the upstream. The best tier is never held."""
+
+    async def scenario() -> None:
+        pool = pool_of(slots=3)
+        meter = SlotMeter(down=True)
+        gate = admission(pool, meter, headroom=1, local_count_after_s=0.2)
+        sent = Requests(gate)
+        sent.send("low-0", "low")
+        sent.send("top-0", "top")
+        await settle()
+        assert sent.admitted() == ["top-0"]
+        assert not sent.ticket("top-0").counted
+        await asyncio.sleep(0.25)
+        await gate._release()
+        await settle()
+        assert sorted(sent.admitted()) == ["low-0", "top-0"], "counted alone once takes failed 0.2 s"
         await sent.end()
 
     run(scenario)

@@ -11,8 +11,17 @@ filled with the messages; its bytes are at most:
 
 JSON serialisation only adds bytes (quotes, keys, escapes), so the content is never undercounted.
 For /v1/completions the bound is the prompt's UTF-8 bytes plus the fixed overhead (BOS), or the
-exact length when the prompt is given as token ids. A settled request whose real prompt exceeds
-its bound is counted by `capgate_prompt_bound_exceeded_total` (none has been seen).
+exact length when the prompt is given as token ids.
+
+For Anthropic's /v1/messages, vLLM turns the request into a chat completion before the template:
+`system` becomes one more message, a `tool_use` block becomes a tool call whose arguments are its
+`input` re-serialised, a `tool_result` its own tool message. Its bound serialises the whole request
+with Python's default `json.dumps` (ASCII escapes: 6 bytes for a character UTF-8 spends at most
+4 on; `", "` and `": "` separators), never fewer bytes than any re-serialisation of the same
+values, and counts one more message per block that becomes its own message or call.
+
+A settled request whose real prompt exceeds its bound is counted by
+`capgate_prompt_bound_exceeded_total` (none has been seen).
 """
 
 import json
@@ -39,6 +48,21 @@ def chat_prompt_bound(body: dict, overhead: TemplateOverhead) -> int:
         if body.get(extra) is not None:
             bound += _json_bytes(body[extra])
     return bound
+
+
+_OWN_MESSAGE_BLOCKS = frozenset({"tool_use", "tool_result"})
+
+
+def messages_prompt_bound(body: dict, overhead: TemplateOverhead) -> int:
+    """Upper bound of the prompt tokens of an Anthropic messages request."""
+    messages = body.get("messages") or []
+    count = len(messages) + 1  # the system prompt's message
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            count += sum(isinstance(b, dict) and b.get("type") in _OWN_MESSAGE_BLOCKS for b in content)
+    sent = {k: body[k] for k in ("messages", "system", "tools", "tool_choice") if body.get(k) is not None}
+    return overhead.fixed + overhead.per_message * count + len(json.dumps(sent).encode())
 
 
 def _one_prompt_bound(prompt: object, overhead: TemplateOverhead) -> int:

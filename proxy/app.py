@@ -20,6 +20,7 @@ from metering.spool import Spool
 from metering.usage import export_text, ledger_events, tier_totals, user_usage
 from proxy import background, metrics
 from proxy.admission import Admission
+from proxy.anthropic.api_router import anthropic_routes
 from proxy.errors import APIError, route_error, unauthorized
 from proxy.gateway import Gateway
 from proxy.inbound import bearer_key
@@ -122,6 +123,7 @@ def create_app(settings: Settings) -> FastAPI:
         return request.app.state.gateway
 
     app.router.routes.extend(openai_routes(gateway_of))
+    app.router.routes.extend(anthropic_routes(gateway_of))
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

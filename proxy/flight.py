@@ -15,7 +15,7 @@ from metering.meter import Reservation
 from policies.budget import BudgetPlan
 from policies.index import Principal
 from policies.pricing import Rates, Usage, counted_tokens
-from proxy.openai.protocol import GenerationRequest
+from proxy.generation import GenerationRequest
 from proxy.relay import StreamTally
 from proxy.upstream import UpstreamState
 
@@ -50,6 +50,7 @@ class Flight:
     started: float
     plan: BudgetPlan
     upstream: UpstreamState
+    preemptible: bool = False  # a stream of a preemptible tier whose relay can end it early
     reservation: Reservation | None = None
     fail_open: bool = False
     tally: StreamTally = field(default_factory=lambda: StreamTally(time.monotonic()))

@@ -25,17 +25,11 @@ from policies.budget import BudgetPlan, OutputsOverCap, PromptOverCap, plan_budg
 from policies.index import Principal
 from proxy import metrics
 from proxy.admission import Admission
+from proxy.dialect import Dialect
 from proxy.errors import APIError, rate_limited, unauthorized
 from proxy.flight import Flight, Outcome, outcome_of, usage_event
-from proxy.inbound import bearer_key, read_body
-from proxy.openai.protocol import Api, GenerationRequest, parse_request
-from proxy.openai.serving import (
-    local_prompt_bound,
-    serve_stream,
-    serve_unary,
-    tokenized_prompt_bound,
-    upstream_body,
-)
+from proxy.generation import GenerationRequest
+from proxy.inbound import api_key, read_body
 from proxy.policy_store import PolicyStore
 from proxy.settings import Settings
 from proxy.streaming import run_shielded
@@ -71,47 +65,42 @@ class Gateway:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._preempting: set[asyncio.Task[bool]] = set()
 
-    def principal(self, request: Request) -> Principal:
-        """The caller, from their bearer key, or a 401."""
-        found = self.policies.index.principal_for_key(bearer_key(request))
+    def principal(self, request: Request, key_header: str | None = None) -> Principal:
+        """The caller, from their API key (bearer, or `key_header` when sent), or a 401."""
+        found = self.policies.index.principal_for_key(api_key(request, key_header))
         if found is None:
             raise unauthorized("unknown API key")
         return found
 
-    async def handle(self, request: Request, api: Api) -> Response:
-        """Serve one generation request; every error is an OpenAI-shaped response."""
+    async def handle(self, request: Request, dialect: Dialect) -> Response:
+        """Serve one generation request; every error is a response in the dialect's shape."""
         started = time.monotonic()
         try:
-            flight, budget = await self._open(request, api, started)
+            flight, budget = await self._open(request, dialect, started)
         except APIError as error:
-            return error.response()
+            return dialect.render(error)
         finish = functools.partial(self._finish, flight, budget)
         try:
             context = self.pool.models().get(flight.model, flight.plan.ceiling)
-            priority = flight.principal.tier.priority
-            body = upstream_body(
-                flight.request, priority=priority, allowance=budget.allowance, context=context
-            )
             metrics.ADDED.observe(time.monotonic() - started)
-            if flight.request.stream:
-                return await serve_stream(self.pool, flight, body, budget, finish)
-            return await serve_unary(self.pool, flight, body, finish)
+            return await dialect.serve(
+                self.pool, flight, budget, finish, flight.principal.tier.priority, context
+            )
         except APIError as error:
             await run_shielded(finish)
-            return error.response()
+            return dialect.render(error)
         except Exception as exc:
             log.error("request %s failed in capgate: %r", flight.request_id, exc, exc_info=exc)
             flight.fail(Outcome.RELAY_ERROR)
             await run_shielded(finish)
-            return APIError(500, "capgate failed to serve the request", type="server_error").response()
+            return dialect.render(APIError(500, "capgate failed to serve the request", type="server_error"))
         except BaseException:
             await run_shielded(finish)
             raise
 
-    async def _open(self, request: Request, api: Api, started: float) -> tuple[Flight, StreamBudget]:
-        """Authenticate, validate, plan, admit and reserve: a flight holding its budget."""
-        principal = self.principal(request)
-        generation = parse_request(api, await read_body(request, self.settings.max_body_bytes))
+    def served_model(self, principal: Principal, model: str) -> int:
+        """The context length of `model` when an upstream serves it and the caller's tier may use
+        it; else a 502, 404 or 403."""
         served = self.pool.models()
         if not served:
             raise APIError(
@@ -120,7 +109,6 @@ class Gateway:
                 type="upstream_error",
                 code="upstream_unreachable",
             )
-        model = generation.model
         if model not in served:
             raise APIError(
                 404,
@@ -129,8 +117,7 @@ class Gateway:
                 param="model",
                 code="model_not_found",
             )
-        tier = principal.tier
-        if not tier.allows_model(model):
+        if not principal.tier.allows_model(model):
             raise APIError(
                 403,
                 f"tier '{principal.tier_name}' may not use model `{model}`",
@@ -138,11 +125,21 @@ class Gateway:
                 param="model",
                 code="model_not_allowed",
             )
+        return served[model]
+
+    async def _open(self, request: Request, dialect: Dialect, started: float) -> tuple[Flight, StreamBudget]:
+        """Authenticate, validate, plan, admit and reserve: a flight holding its budget."""
+        principal = self.principal(request, dialect.key_header)
+        generation = dialect.parse(await read_body(request, self.settings.max_body_bytes))
+        model = generation.model
+        tier = principal.tier
+        context = self.served_model(principal, model)
         upstream = self.pool.pick(model)
         if upstream is None:
             raise _no_upstream()
-        plan = await self._plan(generation, principal, upstream, served[model])
+        plan = await self._plan(dialect, generation, principal, upstream, context)
         request_id = uuid.uuid4().hex
+        preemptible = tier.preemptible and generation.stream and dialect.leases
         ticket = await self.admission.admit(
             request_id,
             principal.tier_name,
@@ -151,14 +148,21 @@ class Gateway:
             model=model,
             user=principal.user_id,
             cost=plan.ceiling,
-            preemptible=tier.preemptible and generation.stream,
+            preemptible=preemptible,
             starved=self._preempt,
         )
         if ticket is None:
             raise _no_upstream()
         try:
             flight = Flight(
-                request_id, principal, generation, request.url.path, started, plan, ticket.upstream
+                request_id,
+                principal,
+                generation,
+                request.url.path,
+                started,
+                plan,
+                ticket.upstream,
+                preemptible=preemptible,
             )
             flight.tally.outputs = generation.outputs
             flight.tally.open_choices = set(range(generation.outputs))
@@ -176,14 +180,31 @@ class Gateway:
         return flight, budget
 
     async def _plan(
-        self, request: GenerationRequest, principal: Principal, upstream: UpstreamState, context: int
+        self,
+        dialect: Dialect,
+        request: GenerationRequest,
+        principal: Principal,
+        upstream: UpstreamState,
+        context: int,
     ) -> BudgetPlan:
-        """The budget plan: prompt bound, the client's limit, the model's room, the outputs."""
+        """The budget plan: prompt bound, the client's limit, the model's room, the outputs.
+
+        A content part that is not text (an image, audio, a file) may stand for more prompt
+        tokens than any bound capgate can prove without running the model's processor: for a
+        tier that counts prompt tokens such a request is refused."""
+        if request.media is not None and principal.tier.counts("prompt"):
+            raise APIError(
+                400,
+                f"'{request.media}' is not text: this tier counts prompt tokens, and capgate cannot "
+                "bound the prompt tokens of images, audio, video or files",
+                param=request.media,
+                code="unsupported_content",
+            )
         overhead = upstream.overheads.get(request.model)
         if self.settings.prompt_bound == "tokenize" or overhead is None:
-            bound = await tokenized_prompt_bound(self.pool, upstream, request)
+            bound = await dialect.exact_bound(self.pool, upstream, request)
         else:
-            bound = local_prompt_bound(request, overhead)
+            bound = dialect.local_bound(request, overhead)
         try:
             return plan_budget(
                 principal.tier,
@@ -191,7 +212,7 @@ class Gateway:
                 asked=request.limit,
                 room=max(1, context - 1),
                 outputs=request.outputs,
-                streaming=request.stream,
+                streaming=request.stream and dialect.leases,
             )
         except PromptOverCap as exc:
             raise APIError(
@@ -352,8 +373,7 @@ class Gateway:
         victims = [
             flight
             for flight in self.flights.values()
-            if flight.request.stream
-            and flight.principal.tier.preemptible
+            if flight.preemptible
             and flight.principal.tier.priority > priority
             and not flight.tally.preempt
             and any(flight.upstream is state for state in upstreams)

@@ -1,4 +1,4 @@
-"""Reading what a client sent before anything is parsed: its bearer key, its body (bounded)."""
+"""Reading what a client sent before anything is parsed: its API key, its body (bounded)."""
 
 from starlette.requests import Request
 
@@ -17,6 +17,16 @@ def bearer_key(request: Request) -> str:
     if len(key) > MAX_KEY_CHARS:
         raise unauthorized("unknown API key")
     return key
+
+
+def api_key(request: Request, header: str | None = None) -> str:
+    """The API key of `header` (Anthropic clients send `x-api-key`) when given and sent, else
+    the bearer key; or a 401."""
+    if header is not None and (key := request.headers.get(header, "").strip()):
+        if len(key) > MAX_KEY_CHARS:
+            raise unauthorized("unknown API key")
+        return key
+    return bearer_key(request)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -17,7 +17,7 @@ from time import monotonic
 import httpx
 
 from metering.lease import StreamBudget
-from proxy.openai.protocol import UsageMode
+from proxy.generation import UsageMode
 
 _USAGE = b',"usage":'
 _DONE = b"data: [DONE]"

@@ -2,25 +2,43 @@
 response handling per request buys nothing for a handler that reads the raw request and returns
 its own response."""
 
+import functools
 from collections.abc import Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from proxy.dialect import Dialect
+from proxy.errors import APIError
 from proxy.gateway import Gateway
+from proxy.openai.protocol import OpenAIApi, parse_request
+from proxy.openai.serving import local_prompt_bound, serve, tokenized_prompt_bound
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 
 
+def dialect(api: OpenAIApi) -> Dialect:
+    """The OpenAI API's `chat` or `completions` dialect."""
+    return Dialect(
+        api,
+        functools.partial(parse_request, api),
+        APIError.response,
+        local_prompt_bound,
+        tokenized_prompt_bound,
+        serve,
+    )
+
+
 def openai_routes(gateway_of: Callable[[Request], Gateway]) -> list[Route]:
     """`POST /v1/chat/completions` and `POST /v1/completions`, served by the request's gateway."""
+    chat_dialect, completions_dialect = dialect("chat"), dialect("completions")
 
     async def chat(request: Request) -> Response:
-        return await gateway_of(request).handle(request, "chat")
+        return await gateway_of(request).handle(request, chat_dialect)
 
     async def completions(request: Request) -> Response:
-        return await gateway_of(request).handle(request, "completions")
+        return await gateway_of(request).handle(request, completions_dialect)
 
     return [Route(CHAT, chat, methods=["POST"]), Route(COMPLETIONS, completions, methods=["POST"])]

@@ -11,7 +11,8 @@ Limits:
   nested at most `MAX_DEPTH` levels;
 - `max_tokens`, `max_completion_tokens`: integers in [1, `MAX_INT`]; `min_tokens` in [0, `MAX_INT`];
 - `n` in [1, `MAX_N`], `best_of` in [`n`, `MAX_N`] (completions);
-- chat `messages`: a non-empty list of objects, each with a string `role`;
+- chat `messages`: a non-empty list of objects, each with a string `role` (content parts that
+  are not text are named in `media`);
 - completions `prompt`: a string, a non-empty list of token ids, or a non-empty list of
   strings or of token-id lists (token ids are integers in [0, `MAX_INT`]), at most
   `MAX_PROMPTS` prompts;
@@ -19,106 +20,29 @@ Limits:
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from enum import Enum
 from types import MappingProxyType
 from typing import Any, Literal
 
-import orjson
-
 from proxy.errors import APIError
+from proxy.generation import (
+    COMPLETIONS_DEFAULT_MAX_TOKENS,
+    MAX_INT,
+    MAX_N,
+    MAX_PROMPTS,
+    GenerationRequest,
+    UsageMode,
+    boolean,
+    check_depth,
+    integer,
+    invalid,
+    loads_object,
+)
 
-MAX_INT = 2**31 - 1
-MAX_N = 128
-MAX_PROMPTS = 1024
-MAX_DEPTH = 64
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # vLLM's (and OpenAI's) default for /v1/completions
+OpenAIApi = Literal["chat", "completions"]
 
-Api = Literal["chat", "completions"]
-
-
-class UsageMode(Enum):
-    """What the client asked for in `stream_options`."""
-
-    NONE = "none"
-    FINAL = "final"
-    CONTINUOUS = "continuous"
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationRequest:
-    """One generation request, validated.
-
-    `limit` is the client's completion limit per output (chat: `max_completion_tokens` wins over
-    `max_tokens`; completions default to 16), None when the client set none; `limit_fields` the
-    names the client sent it under. `outputs` is how many sequences vLLM generates: `n` (or
-    `best_of`) times the number of prompts. `body` is the client's body, read-only.
-    """
-
-    api: Api
-    model: str
-    stream: bool
-    usage: UsageMode
-    outputs: int
-    limit: int | None
-    limit_fields: tuple[str, ...]
-    min_tokens: int | None
-    body: Mapping[str, Any]
-
-    @property
-    def chat(self) -> bool:
-        return self.api == "chat"
-
-
-def invalid(param: str, message: str, code: str = "invalid_value") -> APIError:
-    return APIError(400, message, param=param, code=code)
-
-
-def _loads(raw: bytes) -> dict[str, Any]:
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
-    if not isinstance(data, dict):
-        raise APIError(400, "request body must be a JSON object", code="invalid_json")
-    return data
-
-
-def _check_depth(body: dict[str, Any]) -> None:
-    """Raise a 400 naming the top-level field nested deeper than `MAX_DEPTH`."""
-    for name, value in body.items():
-        stack: list[tuple[object, int]] = [(value, 2)]
-        while stack:
-            node, depth = stack.pop()
-            if isinstance(node, dict):
-                children: Any = node.values()
-            elif isinstance(node, list):
-                children = node
-            else:
-                continue
-            if depth > MAX_DEPTH:
-                raise invalid(name, f"'{name}' is nested more than {MAX_DEPTH} levels deep")
-            stack.extend((child, depth + 1) for child in children)
-
-
-def _integer(body: Mapping[str, Any], name: str, low: int, high: int = MAX_INT) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise invalid(name, f"'{name}' must be an integer")
-    if not low <= value <= high:
-        raise invalid(name, f"'{name}' must be between {low} and {high}, got {value}")
-    return value
-
-
-def _boolean(body: Mapping[str, Any], name: str, param: str | None = None) -> bool:
-    value = body.get(name)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise invalid(param or name, f"'{param or name}' must be a boolean")
-    return value
+# Content parts of text; any other (`image_url`, `input_audio`, `video_url`, `file`, ...) stands
+# for prompt tokens its bytes do not bound.
+TEXT_PARTS = frozenset({"text", "input_text", "refusal", "thinking"})
 
 
 def _usage_mode(body: Mapping[str, Any]) -> UsageMode:
@@ -127,18 +51,27 @@ def _usage_mode(body: Mapping[str, Any]) -> UsageMode:
         return UsageMode.NONE
     if not isinstance(options, dict):
         raise invalid("stream_options", "'stream_options' must be an object")
-    if not _boolean(options, "include_usage", "stream_options.include_usage"):
+    if not boolean(options, "include_usage", "stream_options.include_usage"):
         return UsageMode.NONE
-    continuous = _boolean(options, "continuous_usage_stats", "stream_options.continuous_usage_stats")
+    continuous = boolean(options, "continuous_usage_stats", "stream_options.continuous_usage_stats")
     return UsageMode.CONTINUOUS if continuous else UsageMode.FINAL
 
 
-def _check_messages(messages: object) -> None:
+def _check_messages(messages: object) -> str | None:
+    """Check chat `messages`; the param of the first content part that is not text, if any."""
     if not isinstance(messages, list) or not messages:
         raise invalid("messages", "'messages' must be a non-empty list of message objects")
+    media = None
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise invalid(f"messages[{i}]", f"'messages[{i}]' must be an object with a string 'role'")
+        content = message.get("content")
+        if media is None and isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") not in TEXT_PARTS:
+                    media = f"messages[{i}].content[{j}]"
+                    break
+    return media
 
 
 def _token_ids(value: list[Any], param: str) -> None:
@@ -168,33 +101,34 @@ def count_prompts(prompt: object) -> int:
     return len(prompt)
 
 
-def parse_request(api: Api, raw: bytes) -> GenerationRequest:
+def parse_request(api: OpenAIApi, raw: bytes) -> GenerationRequest:
     """The validated request of `raw` (a chat or completions body), or a 400 `APIError`."""
-    body = _loads(raw)
-    _check_depth(body)
+    body = loads_object(raw)
+    check_depth(body)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise APIError(400, "'model' is required", param="model", code="missing_model")
-    stream = _boolean(body, "stream")
+    stream = boolean(body, "stream")
     usage = _usage_mode(body)
-    n = _integer(body, "n", 1, MAX_N) or 1
-    _integer(body, "min_tokens", 0)
+    n = integer(body, "n", 1, MAX_N) or 1
+    integer(body, "min_tokens", 0)
+    media = None
     if api == "chat":
-        _check_messages(body.get("messages"))
+        media = _check_messages(body.get("messages"))
         fields = tuple(f for f in ("max_completion_tokens", "max_tokens") if body.get(f) is not None)
-        limits = [_integer(body, name, 1) for name in fields]
+        limits = [integer(body, name, 1) for name in fields]
         limit = limits[0] if limits else None
         prompts = 1
     else:
         if "prompt" not in body:
             raise invalid("prompt", "'prompt' is required", code="missing_prompt")
         prompts = count_prompts(body["prompt"])
-        best_of = _integer(body, "best_of", 1, MAX_N)
+        best_of = integer(body, "best_of", 1, MAX_N)
         if best_of is not None and best_of < n:
             raise invalid("best_of", f"'best_of' must be at least 'n' ({n}), got {best_of}")
         n = max(n, best_of or 1)
         fields = ("max_tokens",) if body.get("max_tokens") is not None else ()
-        limit = _integer(body, "max_tokens", 1)
+        limit = integer(body, "max_tokens", 1)
         if limit is None:
             limit = COMPLETIONS_DEFAULT_MAX_TOKENS
     return GenerationRequest(
@@ -207,4 +141,5 @@ def parse_request(api: Api, raw: bytes) -> GenerationRequest:
         limit_fields=fields,
         min_tokens=body.get("min_tokens"),
         body=MappingProxyType(body),
+        media=media,
     )

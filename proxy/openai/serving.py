@@ -17,10 +17,10 @@ from starlette.responses import Response
 from metering.lease import StreamBudget
 from metering.prompt import TemplateOverhead, chat_prompt_bound, completion_prompt_bound
 from policies.budget import per_output_limit
-from proxy import metrics
 from proxy.errors import APIError
 from proxy.flight import Flight, Outcome
-from proxy.openai.protocol import GenerationRequest
+from proxy.forward import relay_failed, send, stream_failed, upstream_request
+from proxy.generation import GenerationRequest
 from proxy.relay import relay
 from proxy.streaming import Finish, RelayResponse, SettledResponse
 from proxy.upstream import UpstreamPool, UpstreamState
@@ -73,41 +73,13 @@ def upstream_body(
     return body
 
 
-def _upstream_request(pool: UpstreamPool, flight: Flight, body: dict[str, Any]) -> httpx.Request:
-    return pool.client.build_request(
-        "POST",
-        flight.upstream.upstream.url + flight.endpoint,
-        content=orjson.dumps(body),
-        headers={"content-type": "application/json", "x-request-id": flight.request_id},
-    )
-
-
-async def _send(pool: UpstreamPool, request: httpx.Request, stream: bool) -> httpx.Response:
-    try:
-        return await pool.client.send(request, stream=stream)
-    except httpx.TimeoutException as exc:
-        metrics.UPSTREAM_ERRORS.labels(kind="timeout").inc()
-        raise APIError(
-            504, f"upstream timed out: {type(exc).__name__}", type="upstream_error", code="upstream_timeout"
-        ) from exc
-    except httpx.HTTPError as exc:
-        metrics.UPSTREAM_ERRORS.labels(kind="unreachable").inc()
-        raise APIError(
-            502, f"upstream unreachable: {exc}", type="upstream_error", code="upstream_unreachable"
-        ) from exc
-
-
 def _error_event(error: APIError) -> bytes:
     return b"data: " + orjson.dumps(error.body()) + b"\n\ndata: [DONE]\n\n"
 
 
 async def serve_unary(pool: UpstreamPool, flight: Flight, body: dict[str, Any], finish: Finish) -> Response:
     """Send the request, record vLLM's usage and finish reason, answer with vLLM's body."""
-    try:
-        response = await _send(pool, _upstream_request(pool, flight, body), stream=False)
-    except APIError as error:
-        flight.fail(Outcome.UPSTREAM_TIMEOUT if error.status == 504 else Outcome.UPSTREAM_ERROR)
-        raise
+    response = await send(pool, flight, upstream_request(pool, flight, body), stream=False)
     content = response.content
     if response.is_success:
         try:
@@ -132,11 +104,7 @@ async def serve_stream(
 ) -> Response:
     """Send the request and relay its events; a failure after the first byte becomes an error
     event and `[DONE]`, as vLLM sends its own."""
-    try:
-        response = await _send(pool, _upstream_request(pool, flight, body), stream=True)
-    except APIError as error:
-        flight.fail(Outcome.UPSTREAM_TIMEOUT if error.status == 504 else Outcome.UPSTREAM_ERROR)
-        raise
+    response = await send(pool, flight, upstream_request(pool, flight, body), stream=True)
     if not response.is_success:
         content = await response.aread()
         await response.aclose()
@@ -152,15 +120,9 @@ async def serve_stream(
             async for chunk in relay(response, flight.tally, budget, request.usage, chat=request.chat):
                 yield chunk
         except httpx.HTTPError as exc:
-            timeout = isinstance(exc, httpx.TimeoutException)
-            metrics.UPSTREAM_ERRORS.labels(kind="timeout" if timeout else "stream_broken").inc()
-            flight.fail(Outcome.UPSTREAM_TIMEOUT if timeout else Outcome.UPSTREAM_ERROR)
-            yield _error_event(
-                APIError(504 if timeout else 502, f"upstream stream failed: {exc!r}", type="upstream_error")
-            )
+            yield _error_event(stream_failed(flight, exc))
         except Exception as exc:
-            relay_failed(flight, exc)
-            yield _error_event(APIError(500, "capgate failed while relaying the stream", type="server_error"))
+            yield _error_event(relay_failed(flight, exc))
         finally:
             await response.aclose()
 
@@ -175,7 +137,11 @@ async def serve_stream(
     )
 
 
-def relay_failed(flight: Flight, exc: BaseException) -> None:
-    """Log and record an error of capgate's own while relaying a stream."""
-    log.error("request %s: relay failed: %r", flight.request_id, exc, exc_info=exc)
-    flight.fail(Outcome.RELAY_ERROR)
+async def serve(
+    pool: UpstreamPool, flight: Flight, budget: StreamBudget, finish: Finish, priority: int, context: int
+) -> Response:
+    """Ask vLLM for the flight's request (the body of `upstream_body`) and answer the client."""
+    body = upstream_body(flight.request, priority=priority, allowance=budget.allowance, context=context)
+    if flight.request.stream:
+        return await serve_stream(pool, flight, body, budget, finish)
+    return await serve_unary(pool, flight, body, finish)

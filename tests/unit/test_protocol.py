@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import APIError
-from proxy.openai.protocol import MAX_DEPTH, MAX_INT, MAX_N, UsageMode, parse_request
+from proxy.generation import MAX_DEPTH, MAX_INT, MAX_N, UsageMode
+from proxy.openai.protocol import parse_request
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

@@ -2,7 +2,7 @@
 
 import json
 
-from proxy.openai.protocol import UsageMode
+from proxy.generation import UsageMode
 from proxy.relay import StreamTally, cut_events, split_usage
 
 CHUNK = (

@@ -1,0 +1,213 @@
+"""Serving an Anthropic messages request against vLLM's `/v1/messages`: the prompt bound, the
+body vLLM gets, and the answer, one JSON body or Anthropic's server-sent events relayed as vLLM
+sent them, byte for byte.
+
+vLLM gives no running usage on this route: `message_start` carries the prompt's tokens and only
+the closing `message_delta` the output's. So a messages request reserves its whole `max_tokens`
+up front (no leases: it is never cut at a budget nor preempted), and is billed:
+- ended normally or at `max_tokens`: exactly, from the closing `message_delta`;
+- the client hung up, or vLLM's stream broke: the `content_block_delta` events seen (each
+  carries one token or more, so this is never over what vLLM generated; vLLM may have
+  generated a few more, up to the tokens of one incomplete UTF-8 character per delta and
+  those of its last steps before the abort).
+"""
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator
+from time import monotonic
+from typing import Any
+
+import httpx
+import orjson
+from starlette.responses import Response
+
+from metering.lease import StreamBudget
+from metering.prompt import TemplateOverhead, messages_prompt_bound
+from proxy.anthropic.protocol import error_event
+from proxy.errors import APIError
+from proxy.flight import Flight, Outcome
+from proxy.forward import relay_failed, send, stream_failed, upstream_request
+from proxy.generation import GenerationRequest
+from proxy.relay import DRAIN_READ_S, DRAIN_TOTAL_S, StreamTally
+from proxy.streaming import Finish, RelayResponse, SettledResponse
+from proxy.upstream import UpstreamPool, UpstreamState
+
+PRIORITY_HEADER = "x-vllm-priority"  # vLLM's Anthropic request has no `priority` field
+COUNT_TOKENS = "/v1/messages/count_tokens"
+
+
+def local_prompt_bound(request: GenerationRequest, overhead: TemplateOverhead) -> int:
+    """The prompt bound computed without the tokenizer (see `metering.prompt`)."""
+    return messages_prompt_bound(dict(request.body), overhead)
+
+
+async def tokenized_prompt_bound(
+    pool: UpstreamPool, upstream: UpstreamState, request: GenerationRequest
+) -> int:
+    """The exact prompt tokens, from the upstream's `count_tokens` (vLLM renders the request
+    as it will for generation; one round trip)."""
+    body = {k: v for k, v in request.body.items() if k not in ("max_tokens", "stream")}
+    try:
+        reply = await pool.client.post(upstream.upstream.url + COUNT_TOKENS, json=body, timeout=5.0)
+        reply.raise_for_status()
+        return int(reply.json()["input_tokens"])
+    except httpx.HTTPStatusError as exc:
+        raise APIError(400, f"cannot count the prompt: {exc.response.text}", param="messages") from exc
+    except httpx.HTTPError as exc:
+        raise APIError(502, f"upstream unreachable: {exc}", type="upstream_error") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise APIError(502, "the upstream's token count is unreadable", type="upstream_error") from exc
+
+
+def upstream_body(request: GenerationRequest, *, allowance: int | None, context: int) -> dict[str, Any]:
+    """The body vLLM gets: `max_tokens` lowered to what the budget holds (`allowance`, None when
+    completions are not capped). A limit over the model's context is left for vLLM's own 400."""
+    body = dict(request.body)
+    asked = body["max_tokens"]
+    if allowance is not None and allowance < asked <= context:
+        body["max_tokens"] = allowance
+    return body
+
+
+def record_usage(tally: StreamTally, usage: object) -> None:
+    """Take an Anthropic `usage` object: vLLM's prompt tokens are its input, cache-read and
+    cache-creation tokens together; the cache-read ones are the cached prompt tokens."""
+    if not isinstance(usage, dict):
+        return
+    cached = int(usage.get("cache_read_input_tokens") or 0)
+    prompt = int(usage.get("input_tokens") or 0) + cached + int(usage.get("cache_creation_input_tokens") or 0)
+    tally.record({"prompt_tokens": prompt, "prompt_tokens_details": {"cached_tokens": cached}})
+    if "output_tokens" in usage:
+        tally.completion_tokens = max(0, int(usage.get("output_tokens") or 0))
+
+
+def _delta_seen(tally: StreamTally) -> None:
+    """One more `content_block_delta`: at least one more output token."""
+    now = monotonic()
+    if tally.first_token_at is None:
+        tally.first_token_at = now
+    tally.last_token_at = now
+    tally.completion_tokens += 1
+
+
+def note_event(tally: StreamTally, event: bytes) -> None:
+    """Record what one server-sent event of vLLM's messages stream shows."""
+    name, data = b"", b""
+    for line in event.split(b"\n"):
+        if line.startswith(b"event: "):
+            name = line[7:].strip()
+        elif line.startswith(b"data: "):
+            data = line[6:]
+    if name == b"content_block_delta":
+        _delta_seen(tally)
+    elif name in (b"message_start", b"message_delta"):
+        payload = orjson.loads(data)
+        if name == b"message_start":
+            record_usage(tally, (payload.get("message") or {}).get("usage"))
+        else:
+            record_usage(tally, payload.get("usage"))
+            tally.finish_reason = (payload.get("delta") or {}).get("stop_reason") or tally.finish_reason
+    elif name == b"message_stop":
+        tally.open_choices.clear()
+    elif name == b"error":
+        tally.upstream_error = True
+
+
+async def relay_events(upstream: httpx.Response, tally: StreamTally) -> AsyncIterator[bytes]:
+    """Yield vLLM's bytes as they come, recording each whole event; once the client is gone,
+    read and record what vLLM already sent (for `DRAIN_TOTAL_S` at most) and return."""
+    buffer = b""
+    reads = upstream.aiter_raw()
+    async for chunk in reads:
+        buffer += chunk
+        *events, buffer = buffer.split(b"\n\n")
+        for event in events:
+            note_event(tally, event)
+        if tally.client_gone:
+            break
+        yield chunk
+    if not tally.client_gone:
+        return
+    deadline = monotonic() + DRAIN_TOTAL_S
+    while monotonic() < deadline:
+        try:
+            buffer += await asyncio.wait_for(anext(reads), DRAIN_READ_S)
+        except (TimeoutError, StopAsyncIteration, httpx.HTTPError):
+            return
+        *events, buffer = buffer.split(b"\n\n")
+        for event in events:
+            note_event(tally, event)
+
+
+async def serve_unary(
+    pool: UpstreamPool, flight: Flight, body: dict[str, Any], headers: dict[str, str], finish: Finish
+) -> Response:
+    """Send the request, record vLLM's usage and stop reason, answer with vLLM's body."""
+    response = await send(pool, flight, upstream_request(pool, flight, body, headers), stream=False)
+    content = response.content
+    if response.is_success:
+        try:
+            reply = orjson.loads(content)
+            record_usage(flight.tally, reply.get("usage"))
+            flight.tally.finish_reason = reply.get("stop_reason")
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
+            flight.fail(Outcome.UPSTREAM_ERROR)
+            raise APIError(502, "the upstream's answer is unreadable", type="upstream_error") from exc
+        flight.tally.open_choices.clear()
+    else:
+        flight.fail(Outcome.UPSTREAM_ERROR)
+    return SettledResponse(
+        content,
+        response.status_code,
+        {"x-request-id": flight.request_id},
+        response.headers.get("content-type"),
+        finish,
+    )
+
+
+async def serve_stream(
+    pool: UpstreamPool, flight: Flight, body: dict[str, Any], headers: dict[str, str], finish: Finish
+) -> Response:
+    """Send the request and relay its events unchanged; a failure after the first byte becomes
+    an Anthropic `error` event."""
+    response = await send(pool, flight, upstream_request(pool, flight, body, headers), stream=True)
+    if not response.is_success:
+        content = await response.aread()
+        await response.aclose()
+        flight.fail(Outcome.UPSTREAM_ERROR)
+        media = response.headers.get("content-type")
+        return SettledResponse(
+            content, response.status_code, {"x-request-id": flight.request_id}, media, finish
+        )
+
+    async def body_bytes() -> AsyncGenerator[bytes, None]:
+        try:
+            async for chunk in relay_events(response, flight.tally):
+                yield chunk
+        except httpx.HTTPError as exc:
+            yield error_event(stream_failed(flight, exc))
+        except Exception as exc:
+            yield error_event(relay_failed(flight, exc))
+        finally:
+            await response.aclose()
+
+    return RelayResponse(
+        body_bytes(),
+        response.status_code,
+        {"x-request-id": flight.request_id, "cache-control": "no-cache"},
+        flight.hang_up,
+        lambda exc: relay_failed(flight, exc),
+        finish,
+    )
+
+
+async def serve(
+    pool: UpstreamPool, flight: Flight, budget: StreamBudget, finish: Finish, priority: int, context: int
+) -> Response:
+    """Ask vLLM for the flight's request (the tier's priority in vLLM's priority header) and
+    answer the client."""
+    body = upstream_body(flight.request, allowance=budget.allowance, context=context)
+    headers = {PRIORITY_HEADER: str(priority)}
+    if flight.request.stream:
+        return await serve_stream(pool, flight, body, headers, finish)
+    return await serve_unary(pool, flight, body, headers, finish)

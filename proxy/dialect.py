@@ -1,0 +1,44 @@
+"""What differs between the generation APIs capgate meters, in one record per API.
+
+The gateway runs every API's requests through one lifecycle (authenticate, validate, plan,
+admit, reserve, forward, settle); a `Dialect` supplies the parts that are the API's own: where
+the key is sent, how a body is validated, how an error is rendered, the prompt bounds, whether
+its streams carry running usage (so can be leased, cut and preempted), and how vLLM is asked.
+"""
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from metering.lease import StreamBudget
+from metering.prompt import TemplateOverhead
+from proxy.errors import APIError
+from proxy.flight import Flight
+from proxy.generation import GenerationRequest
+from proxy.inbound import api_key
+from proxy.streaming import Finish
+from proxy.upstream import UpstreamPool, UpstreamState
+
+Serve = Callable[[UpstreamPool, Flight, StreamBudget, Finish, int, int], Awaitable[Response]]
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """One generation API. `serve(pool, flight, budget, finish, priority, context)` sends the
+    request to vLLM and answers the client; `leases`: its streams show running usage, so they
+    may reserve by leases, be cut at a refused one and be preempted."""
+
+    name: str
+    parse: Callable[[bytes], GenerationRequest]
+    render: Callable[[APIError], Response]
+    local_bound: Callable[[GenerationRequest, TemplateOverhead], int]
+    exact_bound: Callable[[UpstreamPool, UpstreamState, GenerationRequest], Awaitable[int]]
+    serve: Serve
+    leases: bool = True
+    key_header: str | None = None  # a header that may carry the key instead of `Authorization`
+
+    def key(self, request: Request) -> str:
+        """The caller's API key, or a 401."""
+        return api_key(request, self.key_header)

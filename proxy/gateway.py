@@ -240,21 +240,27 @@ class Gateway:
             reservation = await self.meter.reserve(request)
         except CapExceeded as exc:
             metrics.CAP_REJECTIONS.labels(tier=principal.tier_name, window=exc.window).inc()
-            metrics.REQUESTS.labels(principal.tier_name, flight.model, "cap_exceeded").inc()
+            metrics.REQUESTS.labels(
+                principal.tier_name, flight.model, flight.request.api, "cap_exceeded"
+            ).inc()
             raise rate_limited(
                 f"token cap reached for window '{exc.window}': {exc.used} of {exc.cap} tokens used",
                 "cap_exceeded",
                 exc.retry_after,
             ) from exc
         except ConcurrencyExceeded as exc:
-            metrics.REQUESTS.labels(principal.tier_name, flight.model, "concurrency_limited").inc()
+            metrics.REQUESTS.labels(
+                principal.tier_name, flight.model, flight.request.api, "concurrency_limited"
+            ).inc()
             raise rate_limited(
                 f"too many concurrent requests: the tier allows {exc.limit}", "concurrency_exceeded", 1
             ) from exc
         except MeterUnavailable as exc:
             metrics.REDIS_ERRORS.labels(operation="reserve").inc()
             if tier.fail_mode == "closed":
-                metrics.REQUESTS.labels(principal.tier_name, flight.model, "meter_unavailable").inc()
+                metrics.REQUESTS.labels(
+                    principal.tier_name, flight.model, flight.request.api, "meter_unavailable"
+                ).inc()
                 raise APIError(
                     503,
                     "metering is unavailable; this tier is not served without it",
@@ -345,10 +351,11 @@ class Gateway:
 
     def _observe(self, flight: Flight, outcome: Outcome, event: UsageEvent, now: float) -> None:
         tier, tally = event.tier, flight.tally
-        metrics.REQUESTS.labels(tier, event.model, outcome.value).inc()
-        metrics.TOKENS.labels(tier, "prompt").inc(event.prompt_tokens - event.cached_tokens)
-        metrics.TOKENS.labels(tier, "cached_prompt").inc(event.cached_tokens)
-        metrics.TOKENS.labels(tier, "completion").inc(event.completion_tokens)
+        route = flight.request.api
+        metrics.REQUESTS.labels(tier, event.model, route, outcome.value).inc()
+        metrics.TOKENS.labels(tier, route, "prompt").inc(event.prompt_tokens - event.cached_tokens)
+        metrics.TOKENS.labels(tier, route, "cached_prompt").inc(event.cached_tokens)
+        metrics.TOKENS.labels(tier, route, "completion").inc(event.completion_tokens)
         metrics.VALUE.labels(tier).inc(event.value_nano / 1e9)
         metrics.DURATION.labels(tier).observe(now - flight.started)
         if event.ttft_ms is not None:

@@ -26,10 +26,15 @@ OVERHEAD_BUCKETS = (
 )  # fmt: skip
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
+# `route`: the API a request came by (chat, completions, messages), a bounded set.
 REQUESTS = Counter(
-    "capgate_requests", "Requests finished, by tier, model and outcome.", ["tier", "model", "outcome"]
+    "capgate_requests",
+    "Requests finished, by tier, model, route and outcome.",
+    ["tier", "model", "route", "outcome"],
 )
-TOKENS = Counter("capgate_tokens", "Tokens metered, by tier and token type.", ["tier", "type"])
+TOKENS = Counter(
+    "capgate_tokens", "Tokens metered, by tier, route and token type.", ["tier", "route", "type"]
+)
 VALUE = Counter("capgate_value", "Value of metered usage in the policy currency, by tier.", ["tier"])
 CAP_REJECTIONS = Counter(
     "capgate_cap_rejections", "Requests refused for a token cap, by tier and window.", ["tier", "window"]

@@ -21,6 +21,7 @@ from harness.capgate_server import CapgateServer
 from harness.clients import openai_client
 from harness.ledger import generated, usage_left, wait_for_events
 from harness.policies import key_of, write_policy
+from harness.prom import parse
 
 pytestmark = pytest.mark.integration
 
@@ -30,8 +31,10 @@ TIERS = {
     "metered": {"priority": 5, "prices": {"prompt": "0.20 USD/1M", "completion": "0.80 USD/1M"}},
     "capped": {"caps": {"windows": [{"per": "day", "tokens": CAP}]}},
 }
-EXACT, HANGUP, ROUND, ERRORS = (f"{name}-{RUN}" for name in ("exact", "hangup", "round", "errors"))
-USERS = {EXACT: "metered", HANGUP: "metered", ROUND: "capped", ERRORS: "capped"}
+EXACT, SAME, HANGUP, ROUND, ERRORS = (
+    f"{name}-{RUN}" for name in ("exact", "same", "hangup", "round", "errors")
+)
+USERS = {EXACT: "metered", SAME: "metered", HANGUP: "metered", ROUND: "capped", ERRORS: "capped"}
 # A content delta holds at most the 4 byte-tokens of one UTF-8 character: what vLLM generated for
 # a hung-up messages stream is at most 4 times the deltas it showed (this covers, too, the few
 # steps vLLM makes before it sees the abort).
@@ -106,7 +109,7 @@ def test_answers_equal_vllms_own(
         "messages": [{"role": "user", "content": "Hi"}],
         "extra_body": {"temperature": 0},  # this SDK version has no `temperature` argument
     }
-    ours, theirs = client(replicas[0].base_url, EXACT), client(vllm_server.base_url, "unused")
+    ours, theirs = client(replicas[0].base_url, SAME), client(vllm_server.base_url, "unused")
     mine, direct = ours.messages.create(**args), theirs.messages.create(**args)
     assert mine.content == direct.content and mine.usage == direct.usage
     assert mine.stop_reason == direct.stop_reason == "max_tokens"
@@ -140,6 +143,13 @@ def test_billing_is_exact_plain_and_streamed(
     assert sum(int(e["completion_tokens"]) for e in events.values()) == after[0] - before[0]
     assert sum(int(e["prompt_tokens"]) for e in events.values()) == after[1] - before[1]
     assert all(int(e["value_nano"]) > 0 for e in events.values())
+    counted = sum(
+        sample_sum(
+            parse(httpx.get(f"{r.base_url}/metrics").text), "capgate_requests_total", {"route": "messages"}
+        )
+        for r in replicas
+    )
+    assert counted >= len(jobs), "requests carry their route in the metrics"
 
 
 def test_no_overshoot_with_concurrent_messages_and_chat_streams_over_two_replicas(
@@ -233,6 +243,13 @@ def test_errors_are_anthropic_shaped_and_name_the_parameter(
     with pytest.raises(anthropic.BadRequestError) as media:
         sdk.messages.create(model="tiny", max_tokens=5, messages=[{"role": "user", "content": [image]}])
     assert "messages[0].content[0]" in media.value.body["error"]["message"]
+    picture = {"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}
+    with pytest.raises(openai.BadRequestError) as chat_media:
+        openai_client(base, key_of(ERRORS)).chat.completions.create(
+            model="tiny", max_tokens=5, messages=[{"role": "user", "content": [picture]}]
+        )
+    assert chat_media.value.body["param"] == "messages[0].content[0]"
+    assert chat_media.value.body["code"] == "unsupported_content"
     with pytest.raises(anthropic.AuthenticationError) as auth:
         anthropic.Anthropic(base_url=base, api_key="sk-wrong", max_retries=0).messages.create(
             model="tiny", max_tokens=5, messages=message(ERRORS)

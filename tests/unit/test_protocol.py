@@ -191,3 +191,23 @@ def test_any_bytes_parse_or_are_a_400(raw: bytes) -> None:
         parse_request("chat", raw)
     except APIError as error:
         assert error.status == 400
+
+
+@pytest.mark.parametrize(
+    ("content", "media"),
+    [
+        ("plain text", None),
+        ([{"type": "text", "text": "a"}, {"type": "refusal", "refusal": "no"}], None),
+        (
+            [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}],
+            "[1]",
+        ),
+        ([{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}], "[0]"),
+        ([{"type": "video_url", "video_url": {"url": "http://x/v.mp4"}}], "[0]"),
+        (["not a part"], "[0]"),
+    ],
+)
+def test_chat_content_parts_that_are_not_text_are_named(content: object, media: str | None) -> None:
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": content}]
+    request = parse_request("chat", chat(messages=messages))
+    assert request.media == (None if media is None else f"messages[1].content{media}")

@@ -25,6 +25,11 @@ def waiting_key(model: str) -> str:
     return f"{PREFIX}:{{slots}}:waiting:{model}"
 
 
+def response_key(response_id: str) -> str:
+    """Who owns one stored response (of the Responses API), and where it is stored."""
+    return f"{PREFIX}:{{r:{response_id}}}:owner"
+
+
 PREEMPTED_KEY = f"{PREFIX}:{{slots}}:preempted"  # requests asked to end, for whichever replica holds them
 
 

@@ -21,6 +21,7 @@ from metering.keys import (
     LIVE_PATTERN,
     PREEMPTED_KEY,
     UserKeys,
+    response_key,
     slots_key,
     user_of_key,
     victims_key,
@@ -119,6 +120,17 @@ class Extension:
     gone: bool
 
 
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """Who created a stored response, the upstream that holds it, its prompt tokens and a bound of
+    the tokens its output adds to a continuation's prompt (both -1 while unknown)."""
+
+    user_id: str
+    upstream: str
+    prompt_tokens: int
+    output_bound: int
+
+
 def _script(name: str) -> str:
     return _LIB + "\n" + (_HERE / f"{name}.lua").read_text()
 
@@ -158,6 +170,8 @@ class Meter:
         self._slot_touch = redis.register_script(_script("slot_touch"))
         self._slot_preempt = redis.register_script(_script("slot_preempt"))
         self._slot_preempted = redis.register_script(_script("slot_preempted"))
+        self._response_own = redis.register_script(_script("response_own"))
+        self._response_owner = redis.register_script(_script("response_owner"))
 
     def _slots(self, windows: Sequence[Window], now: float) -> list[WindowSlot]:
         return [slot_of(window, now) for window in windows]
@@ -376,6 +390,24 @@ class Meter:
         expiry = int(self.clock() * 1000) + int(ttl_s * 1000)
         reply = await self._run(self._slot_touch, [slots_key(upstream)], [expiry, *request_ids])
         return int(reply)  # type: ignore[arg-type]
+
+    async def own_response(self, response_id: str, owner: StoredResponse, keep_s: int) -> bool:
+        """Record `owner` for a stored response for `keep_s` seconds; False when the id already
+        belongs to another user (nothing is written)."""
+        reply = await self._run(
+            self._response_own,
+            [response_key(response_id)],
+            [owner.user_id, owner.upstream, owner.prompt_tokens, owner.output_bound, keep_s],
+        )
+        return int(reply) == 1  # type: ignore[arg-type]
+
+    async def response_owner(self, response_id: str) -> StoredResponse | None:
+        """The owner record of a stored response, None when there is none."""
+        reply = await self._run(self._response_owner, [response_key(response_id)], [])
+        if not reply:
+            return None
+        user, upstream, prompt, completion = (decoded(v) for v in reply)  # type: ignore[union-attr]
+        return StoredResponse(user, upstream, int(prompt), int(completion))
 
     async def heartbeat(self) -> None:
         """Ping over the script connection, so that a dead one is found and replaced before a

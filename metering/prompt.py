@@ -65,6 +65,17 @@ def messages_prompt_bound(body: dict, overhead: TemplateOverhead) -> int:
     return overhead.fixed + overhead.per_message * count + len(json.dumps(sent).encode())
 
 
+def responses_prompt_bound(body: dict, overhead: TemplateOverhead) -> int:
+    """Upper bound of the prompt tokens of a Responses API request, without the stored
+    conversation a `previous_response_id` adds: each `input` item is a message, `instructions`
+    one more, all serialised as for a messages request."""
+    given = body.get("input")
+    count = (len(given) if isinstance(given, list) else 1) + 1
+    fields = ("input", "instructions", "tools", "tool_choice", "previous_input_messages")
+    sent = {k: body[k] for k in fields if body.get(k) is not None}
+    return overhead.fixed + overhead.per_message * count + len(json.dumps(sent).encode())
+
+
 def _one_prompt_bound(prompt: object, overhead: TemplateOverhead) -> int:
     if isinstance(prompt, str):
         return overhead.fixed + len(prompt.encode())

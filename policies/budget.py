@@ -21,7 +21,8 @@ class BudgetPlan:
     is the most completion tokens the request may ever get, from the client's own limit, the
     tier's per-request cap and the model's room. `first` is the completion allowance reserved
     up front: all of `ceiling`, or one lease of it. `want_min` is the least grant worth serving.
-    When completions do not count against caps, nothing is reserved for them.
+    When completions do not count against caps, nothing is reserved for them. `prompt_bound`
+    is the prompt's bound whether or not it is reserved.
     """
 
     fixed: int
@@ -29,6 +30,7 @@ class BudgetPlan:
     first: int
     want_min: int
     leased: bool
+    prompt_bound: int = 0
 
 
 def plan_budget(
@@ -61,7 +63,7 @@ def plan_budget(
     if per_request is not None and tier.counts("completion"):
         ceiling = min(ceiling, per_request - fixed)
     if not tier.counts("completion"):
-        return BudgetPlan(fixed, ceiling, 0, 0, False)
+        return BudgetPlan(fixed, ceiling, 0, 0, False, prompt_bound)
     if ceiling < outputs:
         raise OutputsOverCap(
             f"{outputs} outputs need at least one completion token each; the tier's per-request cap "
@@ -69,7 +71,7 @@ def plan_budget(
         )
     leased = streaming and tier.lease_tokens is not None and tier.lease_tokens < ceiling
     first = min(tier.lease_tokens, ceiling) if leased and tier.lease_tokens else ceiling
-    return BudgetPlan(fixed, ceiling, first, min(outputs, first), leased)
+    return BudgetPlan(fixed, ceiling, first, min(outputs, first), leased, prompt_bound)
 
 
 def per_output_limit(allowance: int, outputs: int) -> int:

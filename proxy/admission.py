@@ -70,6 +70,7 @@ class _Waiter:
     best: int  # the best priority of `tiers`
     model: str
     preemptible: bool
+    url: str | None  # the one upstream it may go to (a stored response's), else any
     ready: asyncio.Future[Ticket] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -147,7 +148,7 @@ class Admission:
         """A slot for `waiter` on the upstream with the most room for its tier, or None."""
         now = time.monotonic()
         tier, tiers, best = waiter.tier, waiter.tiers, waiter.best
-        states = self.pool.candidates(waiter.model)
+        states = self.pool.candidates(waiter.model, waiter.url)
         if tier.priority > best:
             states = [state for state in states if not self._saturated(state, now)]
         if not states:
@@ -205,18 +206,20 @@ class Admission:
         cost: int,
         preemptible: bool = False,
         starved: Starved | None = None,
+        url: str | None = None,
     ) -> Ticket | None:
         """The ticket of a request let through, None when none of the model's upstreams is
         healthy; a 429 `APIError` when it is shed. `preemptible`: a stream of a preemptible tier
         (another replica may ask to end it). `starved` is awaited once when a held request of a
-        tier with an objective has waited `preempt_after` of it (it may free a slot)."""
-        states = self.pool.candidates(model)
+        tier with an objective has waited `preempt_after` of it (it may free a slot). `url`: the
+        only upstream the request may go to."""
+        states = self.pool.candidates(model, url)
         if not states:
             return None
         if not self.settings.enabled:
             return self._issue(Ticket(request_id, states[0], counted=False))
         best = min(t.priority for t in tiers.values())
-        waiter = _Waiter(request_id, tier, tiers, best, model, preemptible)
+        waiter = _Waiter(request_id, tier, tiers, best, model, preemptible, url)
         ahead = self._queue.best_priority()
         if ahead is None or ahead > tier.priority or tier.priority <= waiter.best:
             ticket = await self._take(waiter)
@@ -241,7 +244,7 @@ class Admission:
                     handed = True
                     return ticket
                 timeout -= patience
-                await starved(waiter.tier.priority, self.pool.candidates(waiter.model))
+                await starved(waiter.tier.priority, self.pool.candidates(waiter.model, waiter.url))
             ticket = await asyncio.wait_for(asyncio.shield(waiter.ready), timeout)
             handed = True
             return ticket

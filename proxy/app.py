@@ -26,6 +26,7 @@ from proxy.gateway import Gateway
 from proxy.inbound import bearer_key
 from proxy.openai.api_router import openai_routes
 from proxy.policy_store import PolicyStore
+from proxy.responses.api_router import responses_routes
 from proxy.settings import Settings, load_settings
 from proxy.transport import Http1Transport
 from proxy.upstream import UpstreamPool
@@ -124,6 +125,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.router.routes.extend(openai_routes(gateway_of))
     app.router.routes.extend(anthropic_routes(gateway_of))
+    app.router.routes.extend(responses_routes(gateway_of))
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

@@ -13,7 +13,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from metering.lease import StreamBudget
+from metering.meter import Meter, StoredResponse
 from metering.prompt import TemplateOverhead
+from policies.index import Principal
 from proxy.errors import APIError
 from proxy.flight import Flight
 from proxy.generation import GenerationRequest
@@ -21,14 +23,17 @@ from proxy.inbound import api_key
 from proxy.streaming import Finish
 from proxy.upstream import UpstreamPool, UpstreamState
 
-Serve = Callable[[UpstreamPool, Flight, StreamBudget, Finish, int, int], Awaitable[Response]]
+Serve = Callable[[UpstreamPool, Meter, Flight, StreamBudget, Finish, int, int], Awaitable[Response]]
+Prior = Callable[[Meter, Principal, GenerationRequest], Awaitable[StoredResponse | None]]
 
 
 @dataclass(frozen=True, slots=True)
 class Dialect:
-    """One generation API. `serve(pool, flight, budget, finish, priority, context)` sends the
-    request to vLLM and answers the client; `leases`: its streams show running usage, so they
-    may reserve by leases, be cut at a refused one and be preempted."""
+    """One generation API. `serve(pool, meter, flight, budget, finish, priority, context)` sends
+    the request to vLLM and answers the client; `leases`: its streams show running usage, so they
+    may reserve by leases, be cut at a refused one and be preempted; `prior`: the stored response
+    a request continues (its conversation is part of the prompt, and it is served by the upstream
+    that stores it)."""
 
     name: str
     parse: Callable[[bytes], GenerationRequest]
@@ -37,6 +42,7 @@ class Dialect:
     exact_bound: Callable[[UpstreamPool, UpstreamState, GenerationRequest], Awaitable[int]]
     serve: Serve
     leases: bool = True
+    prior: Prior | None = None
     key_header: str | None = None  # a header that may carry the key instead of `Authorization`
 
     def key(self, request: Request) -> str:

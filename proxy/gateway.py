@@ -19,7 +19,15 @@ from starlette.responses import Response
 
 from metering.events import UsageEvent
 from metering.lease import StreamBudget
-from metering.meter import CapExceeded, ConcurrencyExceeded, Meter, MeterUnavailable, ReserveRequest
+from metering.meter import (
+    CapExceeded,
+    ConcurrencyExceeded,
+    Meter,
+    MeterUnavailable,
+    ReserveRequest,
+    StoredResponse,
+)
+from metering.prompt import TemplateOverhead
 from metering.settler import Settler
 from policies.budget import BudgetPlan, OutputsOverCap, PromptOverCap, plan_budget
 from policies.index import Principal
@@ -84,7 +92,7 @@ class Gateway:
             context = self.pool.models().get(flight.model, flight.plan.ceiling)
             metrics.ADDED.observe(time.monotonic() - started)
             return await dialect.serve(
-                self.pool, flight, budget, finish, flight.principal.tier.priority, context
+                self.pool, self.meter, flight, budget, finish, flight.principal.tier.priority, context
             )
         except APIError as error:
             await run_shielded(finish)
@@ -134,10 +142,12 @@ class Gateway:
         model = generation.model
         tier = principal.tier
         context = self.served_model(principal, model)
-        upstream = self.pool.pick(model)
+        prior = None if dialect.prior is None else await dialect.prior(self.meter, principal, generation)
+        url = None if prior is None else prior.upstream
+        upstream = self.pool.pick(model, url)
         if upstream is None:
             raise _no_upstream()
-        plan = await self._plan(dialect, generation, principal, upstream, context)
+        plan = await self._plan(dialect, generation, principal, upstream, context, prior)
         request_id = uuid.uuid4().hex
         preemptible = tier.preemptible and generation.stream and dialect.leases
         ticket = await self.admission.admit(
@@ -150,6 +160,7 @@ class Gateway:
             cost=plan.ceiling,
             preemptible=preemptible,
             starved=self._preempt,
+            url=url,
         )
         if ticket is None:
             raise _no_upstream()
@@ -186,8 +197,12 @@ class Gateway:
         principal: Principal,
         upstream: UpstreamState,
         context: int,
+        prior: StoredResponse | None = None,
     ) -> BudgetPlan:
         """The budget plan: prompt bound, the client's limit, the model's room, the outputs.
+
+        A request that continues a stored response (`prior`) has its conversation in the prompt:
+        the prior's prompt tokens, the bound of its output, and the template of two messages more.
 
         A content part that is not text (an image, audio, a file) may stand for more prompt
         tokens than any bound capgate can prove without running the model's processor: for a
@@ -205,6 +220,9 @@ class Gateway:
             bound = await dialect.exact_bound(self.pool, upstream, request)
         else:
             bound = dialect.local_bound(request, overhead)
+        if prior is not None:
+            per_message = (overhead or TemplateOverhead()).per_message
+            bound += prior.prompt_tokens + prior.output_bound + 2 * per_message
         try:
             return plan_budget(
                 principal.tier,

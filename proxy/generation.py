@@ -21,7 +21,7 @@ MAX_PROMPTS = 1024
 MAX_DEPTH = 64
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # vLLM's (and OpenAI's) default for /v1/completions
 
-Api = Literal["chat", "completions", "messages"]
+Api = Literal["chat", "completions", "messages", "responses"]
 
 
 class UsageMode(Enum):
@@ -54,11 +54,12 @@ class GenerationRequest:
     min_tokens: int | None
     body: Mapping[str, Any]
     media: str | None = None  # the param of the first non-text content part (image, audio, ...)
+    previous_response_id: str | None = None  # a stored response this one continues (Responses API)
 
     @property
     def chat(self) -> bool:
         """A list of messages (chat completions, Anthropic messages), not a raw prompt."""
-        return self.api in ("chat", "messages")
+        return self.api in ("chat", "messages", "responses")
 
 
 def invalid(param: str, message: str, code: str = "invalid_value") -> APIError:

@@ -107,9 +107,10 @@ class UpstreamPool:
                     cards.setdefault(model, card)
         return list(cards.values())
 
-    def candidates(self, model: str) -> list[UpstreamState]:
-        """The healthy upstreams serving `model`, least loaded first (vLLM's running and waiting
-        requests, then this process's requests in flight; unknown load counts as none)."""
+    def candidates(self, model: str, url: str | None = None) -> list[UpstreamState]:
+        """The healthy upstreams serving `model` (only the one at `url` when given), least loaded
+        first (vLLM's running and waiting requests, then this process's requests in flight;
+        unknown load counts as none)."""
         now = time.monotonic()
         stale = self.settings.admission.stale_after_s
 
@@ -118,11 +119,12 @@ class UpstreamPool:
             queued = load.waiting + load.running if load is not None else 0.0
             return (queued, state.in_flight)
 
-        return sorted((s for s in self.states if s.healthy and model in s.models), key=weight)
+        serving = (s for s in self.states if s.healthy and model in s.models)
+        return sorted((s for s in serving if url is None or s.upstream.url == url), key=weight)
 
-    def pick(self, model: str) -> UpstreamState | None:
-        """The least loaded healthy upstream serving `model`."""
-        found = self.candidates(model)
+    def pick(self, model: str, url: str | None = None) -> UpstreamState | None:
+        """The least loaded healthy upstream serving `model` (the one at `url` when given)."""
+        found = self.candidates(model, url)
         return found[0] if found else None
 
     async def refresh(self, state: UpstreamState) -> None:

@@ -22,6 +22,7 @@ import orjson
 from starlette.responses import Response
 
 from metering.lease import StreamBudget
+from metering.meter import Meter
 from metering.prompt import TemplateOverhead, messages_prompt_bound
 from proxy.anthropic.protocol import error_event
 from proxy.errors import APIError
@@ -202,7 +203,13 @@ async def serve_stream(
 
 
 async def serve(
-    pool: UpstreamPool, flight: Flight, budget: StreamBudget, finish: Finish, priority: int, context: int
+    pool: UpstreamPool,
+    meter: Meter,
+    flight: Flight,
+    budget: StreamBudget,
+    finish: Finish,
+    priority: int,
+    context: int,
 ) -> Response:
     """Ask vLLM for the flight's request (the tier's priority in vLLM's priority header) and
     answer the client."""

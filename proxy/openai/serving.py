@@ -15,6 +15,7 @@ import orjson
 from starlette.responses import Response
 
 from metering.lease import StreamBudget
+from metering.meter import Meter
 from metering.prompt import TemplateOverhead, chat_prompt_bound, completion_prompt_bound
 from policies.budget import per_output_limit
 from proxy.errors import APIError
@@ -138,7 +139,13 @@ async def serve_stream(
 
 
 async def serve(
-    pool: UpstreamPool, flight: Flight, budget: StreamBudget, finish: Finish, priority: int, context: int
+    pool: UpstreamPool,
+    meter: Meter,
+    flight: Flight,
+    budget: StreamBudget,
+    finish: Finish,
+    priority: int,
+    context: int,
 ) -> Response:
     """Ask vLLM for the flight's request (the body of `upstream_body`) and answer the client."""
     body = upstream_body(flight.request, priority=priority, allowance=budget.allowance, context=context)

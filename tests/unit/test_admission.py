@@ -40,8 +40,9 @@ class StubPool:
         """A fresh reading of one upstream's `/metrics`."""
         self.states[upstream].load = Load(waiting, 1.0, kv_cache_usage, time.monotonic())
 
-    def candidates(self, model: str) -> list[UpstreamState]:
-        return [state for state in self.states if state.healthy and model in state.models]
+    def candidates(self, model: str, url: str | None = None) -> list[UpstreamState]:
+        serving = [state for state in self.states if state.healthy and model in state.models]
+        return [state for state in serving if url is None or state.upstream.url == url]
 
 
 @dataclass

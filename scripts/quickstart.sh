@@ -37,7 +37,7 @@ if [ -z "${CAPGATE_UPSTREAMS:-}" ]; then
     SERVED=tiny
     MODEL_ARGS=(--model "${CAPGATE_MODEL_DIR:-$ROOT/.models/tiny-llama}" --served-model-name tiny
                 --dtype float32 --max-model-len 8192 --enforce-eager)
-    export HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
+    export HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} VLLM_ENABLE_RESPONSES_API_STORE=1
   fi
   echo "capgate: starting vLLM ($SERVED) on 127.0.0.1:$VLLM_PORT (about a minute on a CPU)"
   "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server "${MODEL_ARGS[@]}" \

@@ -77,6 +77,7 @@ class VllmServer(Service):
             **os.environ,
             "HF_HUB_OFFLINE": "1",
             "VLLM_NO_USAGE_STATS": "1",
+            "VLLM_ENABLE_RESPONSES_API_STORE": "1",  # stored responses and previous_response_id
             "DO_NOT_TRACK": "1",
         }
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -26,6 +26,7 @@ from metering.meter import (
     MeterUnavailable,
     ReserveRequest,
     SlotTurn,
+    StoredResponse,
 )
 from metering.pipeline import ScriptConnection
 from metering.settler import Settler
@@ -408,6 +409,30 @@ def test_slot_scripts_refuse_bad_arguments(redis_url: str) -> None:
         with pytest.raises(MeterRefused):
             await meter.take_slot("r", [("a", 1), ("b", 0.5)], 10, TURN)  # type: ignore[list-item]
         assert [k async for k in redis.scan_iter(match="cg:*")] == []
+
+    run(scenario, redis_url)
+
+
+def test_a_stored_response_keeps_its_first_owner(redis_url: str) -> None:
+    """The owner record is written, completed with its tokens, never taken by another user, and
+    kept for the time asked; bad counts are refused with nothing written."""
+
+    async def scenario(redis: Redis) -> None:
+        meter = Meter(redis)
+        started = StoredResponse("alice", "http://127.0.0.1:9000", -1, -1)
+        assert await meter.own_response("resp_1", started, 60)
+        assert await meter.response_owner("resp_1") == started
+        done = StoredResponse("alice", "http://127.0.0.1:9000", 40, 120)
+        assert await meter.own_response("resp_1", done, 60)
+        assert not await meter.own_response("resp_1", StoredResponse("mallory", "http://evil", 1, 1), 60)
+        assert await meter.response_owner("resp_1") == done
+        assert 0 < await redis.ttl("cg:{r:resp_1}:owner") <= 60
+        assert await meter.response_owner("resp_2") is None
+        with pytest.raises(MeterRefused):
+            await meter.own_response("resp_3", StoredResponse("alice", "u", -2, 0), 60)
+        with pytest.raises(MeterRefused):
+            await meter.own_response("resp_3", StoredResponse("alice", "u", 0, 0), 0)
+        assert await meter.response_owner("resp_3") is None
 
     run(scenario, redis_url)
 

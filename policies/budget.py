@@ -41,11 +41,13 @@ def plan_budget(
     room: int,
     outputs: int,
     streaming: bool,
+    generates: bool = True,
 ) -> BudgetPlan:
     """Plan the reservation of a request with `outputs` sequences (n x prompts).
 
     `asked` is the client's max_tokens (None when absent), `room` the model context left for a
     completion. Leases apply to streams only: a non-streamed response cannot be cut mid-way.
+    A request that `generates` nothing (an embedding) reserves its prompt only.
     Every number of the plan is at least 0 (a negative one would lend budget to other requests):
     `asked`, `room` and `outputs` below 1, or a negative `prompt_bound`, are a caller's bug.
     """
@@ -58,6 +60,8 @@ def plan_budget(
             f"the prompt may use up to {prompt_bound} tokens, over the tier's per-request cap of "
             f"{per_request}"
         )
+    if not generates:
+        return BudgetPlan(fixed, 0, 0, 0, False, prompt_bound)
     per_output = room if asked is None else min(asked, room)
     ceiling = per_output * outputs
     if per_request is not None and tier.counts("completion"):

@@ -42,6 +42,7 @@ class Dialect:
     exact_bound: Callable[[UpstreamPool, UpstreamState, GenerationRequest], Awaitable[int]]
     serve: Serve
     leases: bool = True
+    generates: bool = True  # False: nothing but the prompt is reserved (embeddings)
     prior: Prior | None = None
     key_header: str | None = None  # a header that may carry the key instead of `Authorization`
 

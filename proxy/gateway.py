@@ -50,6 +50,13 @@ def _no_upstream() -> APIError:
     return APIError(502, "no healthy upstream serves this model", type="upstream_error")
 
 
+def _prompt_param(request: GenerationRequest) -> str:
+    """The field a request's prompt is sent in."""
+    if "messages" in request.body:
+        return "messages"
+    return "input" if request.api in ("responses", "embeddings") else "prompt"
+
+
 class Gateway:
     """The generation endpoints over the policy, the meter and the upstreams."""
 
@@ -231,11 +238,10 @@ class Gateway:
                 room=max(1, context - 1),
                 outputs=request.outputs,
                 streaming=request.stream and dialect.leases,
+                generates=dialect.generates,
             )
         except PromptOverCap as exc:
-            raise APIError(
-                400, str(exc), param="messages" if request.chat else "prompt", code="prompt_over_cap"
-            ) from exc
+            raise APIError(400, str(exc), param=_prompt_param(request), code="prompt_over_cap") from exc
         except OutputsOverCap as exc:
             raise APIError(400, str(exc), param="n", code="outputs_over_cap") from exc
 

@@ -21,7 +21,7 @@ MAX_PROMPTS = 1024
 MAX_DEPTH = 64
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # vLLM's (and OpenAI's) default for /v1/completions
 
-Api = Literal["chat", "completions", "messages", "responses"]
+Api = Literal["chat", "completions", "messages", "responses", "embeddings"]
 
 
 class UsageMode(Enum):

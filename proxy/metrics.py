@@ -26,7 +26,7 @@ OVERHEAD_BUCKETS = (
 )  # fmt: skip
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
-# `route`: the API a request came by (chat, completions, messages), a bounded set.
+# `route`: the API a request came by (chat, completions, embeddings, messages, responses), a bounded set.
 REQUESTS = Counter(
     "capgate_requests",
     "Requests finished, by tier, model, route and outcome.",

@@ -12,11 +12,29 @@ from starlette.routing import Route
 from proxy.dialect import Dialect
 from proxy.errors import APIError
 from proxy.gateway import Gateway
-from proxy.openai.protocol import OpenAIApi, parse_request
-from proxy.openai.serving import local_prompt_bound, serve, tokenized_prompt_bound
+from proxy.openai.protocol import OpenAIApi, parse_embeddings, parse_request
+from proxy.openai.serving import (
+    embeddings_prompt_bound,
+    local_prompt_bound,
+    serve,
+    serve_embeddings,
+    tokenized_prompt_bound,
+)
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
+EMBEDDINGS = "/v1/embeddings"
+
+EMBEDDINGS_DIALECT = Dialect(
+    "embeddings",
+    parse_embeddings,
+    APIError.response,
+    embeddings_prompt_bound,
+    tokenized_prompt_bound,
+    serve_embeddings,
+    leases=False,
+    generates=False,
+)
 
 
 def dialect(api: OpenAIApi) -> Dialect:
@@ -32,7 +50,8 @@ def dialect(api: OpenAIApi) -> Dialect:
 
 
 def openai_routes(gateway_of: Callable[[Request], Gateway]) -> list[Route]:
-    """`POST /v1/chat/completions` and `POST /v1/completions`, served by the request's gateway."""
+    """`POST /v1/chat/completions`, `POST /v1/completions` and `POST /v1/embeddings`, served by
+    the request's gateway."""
     chat_dialect, completions_dialect = dialect("chat"), dialect("completions")
 
     async def chat(request: Request) -> Response:
@@ -41,4 +60,11 @@ def openai_routes(gateway_of: Callable[[Request], Gateway]) -> list[Route]:
     async def completions(request: Request) -> Response:
         return await gateway_of(request).handle(request, completions_dialect)
 
-    return [Route(CHAT, chat, methods=["POST"]), Route(COMPLETIONS, completions, methods=["POST"])]
+    async def embeddings(request: Request) -> Response:
+        return await gateway_of(request).handle(request, EMBEDDINGS_DIALECT)
+
+    return [
+        Route(CHAT, chat, methods=["POST"]),
+        Route(COMPLETIONS, completions, methods=["POST"]),
+        Route(EMBEDDINGS, embeddings, methods=["POST"]),
+    ]

@@ -82,22 +82,23 @@ def _token_ids(value: list[Any], param: str) -> None:
             raise invalid(param, f"'{param}' must hold token ids (integers from 0 to {MAX_INT})")
 
 
-def count_prompts(prompt: object) -> int:
-    """The number of prompts in a completions `prompt`, or a 400 naming what is wrong."""
+def count_prompts(prompt: object, param: str = "prompt") -> int:
+    """The number of prompts in a completions `prompt` (or an embeddings `input`, named by
+    `param`), or a 400 naming what is wrong."""
     if isinstance(prompt, str):
         return 1
     if not isinstance(prompt, list) or not prompt:
-        raise invalid("prompt", "'prompt' must be a string, a list of token ids, or a non-empty list")
+        raise invalid(param, f"'{param}' must be a string, a list of token ids, or a non-empty list")
     if all(isinstance(item, int) and not isinstance(item, bool) for item in prompt):
-        _token_ids(prompt, "prompt")
+        _token_ids(prompt, param)
         return 1
     if len(prompt) > MAX_PROMPTS:
-        raise invalid("prompt", f"'prompt' holds more than {MAX_PROMPTS} prompts")
+        raise invalid(param, f"'{param}' holds more than {MAX_PROMPTS} prompts")
     for i, item in enumerate(prompt):
         if isinstance(item, list):
-            _token_ids(item, f"prompt[{i}]")
+            _token_ids(item, f"{param}[{i}]")
         elif not isinstance(item, str):
-            raise invalid(f"prompt[{i}]", f"'prompt[{i}]' must be a string or a list of token ids")
+            raise invalid(f"{param}[{i}]", f"'{param}[{i}]' must be a string or a list of token ids")
     return len(prompt)
 
 
@@ -140,6 +141,48 @@ def parse_request(api: OpenAIApi, raw: bytes) -> GenerationRequest:
         limit=limit,
         limit_fields=fields,
         min_tokens=body.get("min_tokens"),
+        body=MappingProxyType(body),
+        media=media,
+    )
+
+
+ENCODINGS = frozenset({"float", "base64"})
+
+
+def parse_embeddings(raw: bytes) -> GenerationRequest:
+    """The validated request of a `/v1/embeddings` body (an `input` as a completions `prompt`,
+    or chat `messages`), or a 400 `APIError`. Nothing is generated: `limit` is None."""
+    body = loads_object(raw)
+    check_depth(body)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise APIError(400, "'model' is required", param="model", code="missing_model")
+    media = None
+    if "messages" in body:
+        media = _check_messages(body["messages"])
+    elif "input" in body:
+        try:
+            count_prompts(body["input"])
+        except APIError as error:
+            raise invalid(
+                error.param.replace("prompt", "input", 1) if error.param else "input",
+                error.message.replace("'prompt", "'input"),
+            ) from None
+    else:
+        raise invalid("input", "'input' is required", code="missing_input")
+    integer(body, "dimensions", 1)
+    encoding = body.get("encoding_format")
+    if encoding is not None and encoding not in ENCODINGS:
+        raise invalid("encoding_format", "'encoding_format' must be 'float' or 'base64'")
+    return GenerationRequest(
+        api="embeddings",
+        model=model,
+        stream=False,
+        usage=UsageMode.NONE,
+        outputs=1,
+        limit=None,
+        limit_fields=(),
+        min_tokens=None,
         body=MappingProxyType(body),
         media=media,
     )

@@ -35,13 +35,23 @@ def local_prompt_bound(request: GenerationRequest, overhead: TemplateOverhead) -
     return chat_prompt_bound(body, overhead) if request.chat else completion_prompt_bound(body, overhead)
 
 
+def embeddings_prompt_bound(request: GenerationRequest, overhead: TemplateOverhead) -> int:
+    """The prompt bound of an embeddings request: its `input` as a completions prompt, or its
+    chat `messages`."""
+    body = dict(request.body)
+    if "messages" in body:
+        return chat_prompt_bound(body, overhead)
+    return completion_prompt_bound({"prompt": body["input"]}, overhead)
+
+
 async def tokenized_prompt_bound(
     pool: UpstreamPool, upstream: UpstreamState, request: GenerationRequest
 ) -> int:
     """The exact prompt tokens, from the upstream's `/tokenize` (one round trip)."""
-    key = "messages" if request.chat else "prompt"
+    key = "messages" if request.chat or "messages" in request.body else "prompt"
+    sent = request.body[key] if key in request.body else request.body["input"]
     try:
-        return await pool.count_prompt(upstream, {"model": request.model, key: request.body[key]})
+        return await pool.count_prompt(upstream, {"model": request.model, key: sent})
     except httpx.HTTPStatusError as exc:
         raise APIError(400, f"cannot tokenize the prompt: {exc.response.text}", param=key) from exc
     except httpx.HTTPError as exc:
@@ -151,4 +161,20 @@ async def serve(
     body = upstream_body(flight.request, priority=priority, allowance=budget.allowance, context=context)
     if flight.request.stream:
         return await serve_stream(pool, flight, body, budget, finish)
+    return await serve_unary(pool, flight, body, finish)
+
+
+async def serve_embeddings(
+    pool: UpstreamPool,
+    meter: Meter,
+    flight: Flight,
+    budget: StreamBudget,
+    finish: Finish,
+    priority: int,
+    context: int,
+) -> Response:
+    """Ask vLLM for the embeddings (at the tier's `priority`) and answer with its body; its
+    `usage` has the prompt tokens, the only ones an embedding uses."""
+    body = dict(flight.request.body)
+    body["priority"] = priority
     return await serve_unary(pool, flight, body, finish)

@@ -66,11 +66,13 @@ class VllmServer(Service):
         model: Path | None = None,
         log_path: Path | None = None,
         startup_timeout: float = 240.0,
+        served_name: str = SERVED_MODEL_NAME,
     ) -> None:
         self.port = port if port is not None else free_port()
         self.venv = venv if venv is not None else vllm_venv()
         self.model_dir = model if model is not None else model_dir()
         self.startup_timeout = startup_timeout
+        self.served_name = served_name
         if log_path is None:
             log_path = Path(tempfile.mkdtemp(prefix="capgate-vllm-")) / "vllm.log"
         env = {
@@ -85,7 +87,7 @@ class VllmServer(Service):
             str(self.python),
             "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(self.model_dir),
-            "--served-model-name", SERVED_MODEL_NAME,
+            "--served-model-name", served_name,
             "--host", HOST,
             "--port", str(self.port),
             "--dtype", "float32",
@@ -104,7 +106,7 @@ class VllmServer(Service):
     @property
     def model_name(self) -> str:
         """The name requests must use in their ``model`` field."""
-        return SERVED_MODEL_NAME
+        return self.served_name
 
     @property
     def base_url(self) -> str:

@@ -14,6 +14,7 @@ import orjson
 from proxy import metrics
 from proxy.errors import APIError
 from proxy.flight import Flight, Outcome
+from proxy.streaming import Finish, SettledResponse
 from proxy.upstream import UpstreamPool
 
 log = logging.getLogger("capgate.forward")
@@ -48,6 +49,16 @@ async def send(pool: UpstreamPool, flight: Flight, request: httpx.Request, strea
         raise APIError(
             502, f"upstream unreachable: {exc}", type="upstream_error", code="upstream_unreachable"
         ) from exc
+
+
+async def refused_response(flight: Flight, response: httpx.Response, finish: Finish) -> SettledResponse:
+    """vLLM's own error answer to a streamed request, passed on as it is (the flight records an
+    upstream error)."""
+    content = await response.aread()
+    await response.aclose()
+    flight.fail(Outcome.UPSTREAM_ERROR)
+    media = response.headers.get("content-type")
+    return SettledResponse(content, response.status_code, {"x-request-id": flight.request_id}, media, finish)
 
 
 def stream_failed(flight: Flight, exc: httpx.HTTPError) -> APIError:

@@ -12,9 +12,6 @@ up front (no leases: it is never cut at a budget nor preempted), and is billed:
   those of its last steps before the abort).
 """
 
-import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
-from time import monotonic
 from typing import Any
 
 import httpx
@@ -27,10 +24,11 @@ from metering.prompt import TemplateOverhead, messages_prompt_bound
 from proxy.anthropic.protocol import error_event
 from proxy.errors import APIError
 from proxy.flight import Flight, Outcome
-from proxy.forward import relay_failed, send, stream_failed, upstream_request
+from proxy.forward import send, upstream_request
 from proxy.generation import GenerationRequest
-from proxy.relay import DRAIN_READ_S, DRAIN_TOTAL_S, StreamTally
-from proxy.streaming import Finish, RelayResponse, SettledResponse
+from proxy.relay import StreamTally
+from proxy.streaming import Finish, SettledResponse
+from proxy.typed_events import delta_seen, serve_typed_stream
 from proxy.upstream import UpstreamPool, UpstreamState
 
 PRIORITY_HEADER = "x-vllm-priority"  # vLLM's Anthropic request has no `priority` field
@@ -82,25 +80,10 @@ def record_usage(tally: StreamTally, usage: object) -> None:
         tally.completion_tokens = max(0, int(usage.get("output_tokens") or 0))
 
 
-def _delta_seen(tally: StreamTally) -> None:
-    """One more `content_block_delta`: at least one more output token."""
-    now = monotonic()
-    if tally.first_token_at is None:
-        tally.first_token_at = now
-    tally.last_token_at = now
-    tally.completion_tokens += 1
-
-
-def note_event(tally: StreamTally, event: bytes) -> None:
-    """Record what one server-sent event of vLLM's messages stream shows."""
-    name, data = b"", b""
-    for line in event.split(b"\n"):
-        if line.startswith(b"event: "):
-            name = line[7:].strip()
-        elif line.startswith(b"data: "):
-            data = line[6:]
+def note_event(tally: StreamTally, name: bytes, data: bytes) -> dict | None:
+    """Record what one server-sent event of vLLM's messages stream shows (a `Note`)."""
     if name == b"content_block_delta":
-        _delta_seen(tally)
+        delta_seen(tally)
     elif name in (b"message_start", b"message_delta"):
         payload = orjson.loads(data)
         if name == b"message_start":
@@ -112,32 +95,7 @@ def note_event(tally: StreamTally, event: bytes) -> None:
         tally.open_choices.clear()
     elif name == b"error":
         tally.upstream_error = True
-
-
-async def relay_events(upstream: httpx.Response, tally: StreamTally) -> AsyncIterator[bytes]:
-    """Yield vLLM's bytes as they come, recording each whole event; once the client is gone,
-    read and record what vLLM already sent (for `DRAIN_TOTAL_S` at most) and return."""
-    buffer = b""
-    reads = upstream.aiter_raw()
-    async for chunk in reads:
-        buffer += chunk
-        *events, buffer = buffer.split(b"\n\n")
-        for event in events:
-            note_event(tally, event)
-        if tally.client_gone:
-            break
-        yield chunk
-    if not tally.client_gone:
-        return
-    deadline = monotonic() + DRAIN_TOTAL_S
-    while monotonic() < deadline:
-        try:
-            buffer += await asyncio.wait_for(anext(reads), DRAIN_READ_S)
-        except (TimeoutError, StopAsyncIteration, httpx.HTTPError):
-            return
-        *events, buffer = buffer.split(b"\n\n")
-        for event in events:
-            note_event(tally, event)
+    return None
 
 
 async def serve_unary(
@@ -166,42 +124,6 @@ async def serve_unary(
     )
 
 
-async def serve_stream(
-    pool: UpstreamPool, flight: Flight, body: dict[str, Any], headers: dict[str, str], finish: Finish
-) -> Response:
-    """Send the request and relay its events unchanged; a failure after the first byte becomes
-    an Anthropic `error` event."""
-    response = await send(pool, flight, upstream_request(pool, flight, body, headers), stream=True)
-    if not response.is_success:
-        content = await response.aread()
-        await response.aclose()
-        flight.fail(Outcome.UPSTREAM_ERROR)
-        media = response.headers.get("content-type")
-        return SettledResponse(
-            content, response.status_code, {"x-request-id": flight.request_id}, media, finish
-        )
-
-    async def body_bytes() -> AsyncGenerator[bytes, None]:
-        try:
-            async for chunk in relay_events(response, flight.tally):
-                yield chunk
-        except httpx.HTTPError as exc:
-            yield error_event(stream_failed(flight, exc))
-        except Exception as exc:
-            yield error_event(relay_failed(flight, exc))
-        finally:
-            await response.aclose()
-
-    return RelayResponse(
-        body_bytes(),
-        response.status_code,
-        {"x-request-id": flight.request_id, "cache-control": "no-cache"},
-        flight.hang_up,
-        lambda exc: relay_failed(flight, exc),
-        finish,
-    )
-
-
 async def serve(
     pool: UpstreamPool,
     meter: Meter,
@@ -216,5 +138,6 @@ async def serve(
     body = upstream_body(flight.request, allowance=budget.allowance, context=context)
     headers = {PRIORITY_HEADER: str(priority)}
     if flight.request.stream:
-        return await serve_stream(pool, flight, body, headers, finish)
+        request = upstream_request(pool, flight, body, headers)
+        return await serve_typed_stream(pool, flight, request, finish, note_event, error_event)
     return await serve_unary(pool, flight, body, headers, finish)

@@ -20,7 +20,7 @@ from metering.prompt import TemplateOverhead, chat_prompt_bound, completion_prom
 from policies.budget import per_output_limit
 from proxy.errors import APIError
 from proxy.flight import Flight, Outcome
-from proxy.forward import relay_failed, send, stream_failed, upstream_request
+from proxy.forward import refused_response, relay_failed, send, stream_failed, upstream_request
 from proxy.generation import GenerationRequest
 from proxy.relay import relay
 from proxy.streaming import Finish, RelayResponse, SettledResponse
@@ -117,13 +117,7 @@ async def serve_stream(
     event and `[DONE]`, as vLLM sends its own."""
     response = await send(pool, flight, upstream_request(pool, flight, body), stream=True)
     if not response.is_success:
-        content = await response.aread()
-        await response.aclose()
-        flight.fail(Outcome.UPSTREAM_ERROR)
-        media = response.headers.get("content-type")
-        return SettledResponse(
-            content, response.status_code, {"x-request-id": flight.request_id}, media, finish
-        )
+        return await refused_response(flight, response, finish)
     request = flight.request
 
     async def body_bytes() -> AsyncGenerator[bytes, None]:

@@ -7,7 +7,7 @@ before any Redis call; a hostile or malformed value is a 400 in OpenAI's error s
 Limits:
 - the body is a JSON object nested at most `MAX_DEPTH` levels; `model` a non-empty string;
 - `input` a string or a non-empty list of objects (items); `instructions` a string;
-- `max_output_tokens` an integer in [1, `MAX_INT`]; `stream` and `background` booleans;
+- `max_output_tokens` an integer in [1, `MAX_INT`]; `stream`, `store`, `background` booleans;
 - `previous_response_id` an id as vLLM makes them (`RESPONSE_ID`);
 - refused: `request_id` (vLLM's own field, which names the stored response: capgate sets it, so
   that no one can write over another user's response); `background: true` (a background
@@ -75,6 +75,7 @@ def parse_request(raw: bytes) -> GenerationRequest:
         raise invalid("input", "'input' must be a string or a non-empty list of items")
     if body.get("instructions") is not None and not isinstance(body["instructions"], str):
         raise invalid("instructions", "'instructions' must be a string")
+    boolean(body, "store")
     if boolean(body, "background"):
         raise invalid(
             "background",

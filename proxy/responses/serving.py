@@ -15,12 +15,9 @@ budget nor preempted), and is billed:
   more: never over what vLLM generated).
 """
 
-import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from time import monotonic
+import logging
 from typing import Any
 
-import httpx
 import orjson
 from starlette.responses import Response
 
@@ -30,15 +27,17 @@ from metering.prompt import TemplateOverhead, responses_prompt_bound
 from policies.index import Principal
 from proxy.errors import APIError
 from proxy.flight import Flight, Outcome
-from proxy.forward import relay_failed, send, stream_failed, upstream_request
+from proxy.forward import send, upstream_request
 from proxy.generation import GenerationRequest
-from proxy.relay import DRAIN_READ_S, DRAIN_TOTAL_S, StreamTally
-from proxy.streaming import Finish, RelayResponse, SettledResponse
+from proxy.relay import StreamTally
+from proxy.streaming import Finish, SettledResponse
+from proxy.typed_events import OnEnd, delta_seen, serve_typed_stream
 from proxy.upstream import UpstreamPool, UpstreamState
+
+log = logging.getLogger("capgate.responses")
 
 KEEP_S = 30 * 24 * 3600  # how long capgate remembers who owns a stored response
 TERMINAL = (b"response.completed", b"response.incomplete", b"response.failed")
-OnEnd = Callable[[dict], Awaitable[None]]
 
 
 def response_id_of(flight: Flight) -> str:
@@ -138,25 +137,11 @@ def record_usage(tally: StreamTally, response: object) -> None:
     tally.finish_reason = reason or response.get("status") or tally.finish_reason
 
 
-def _delta_seen(tally: StreamTally) -> None:
-    now = monotonic()
-    if tally.first_token_at is None:
-        tally.first_token_at = now
-    tally.last_token_at = now
-    tally.completion_tokens += 1
-
-
-def note_event(tally: StreamTally, event: bytes) -> dict | None:
-    """Record what one server-sent event of vLLM's responses stream shows; the final response
-    object when the event ends the response."""
-    name, data = b"", b""
-    for line in event.split(b"\n"):
-        if line.startswith(b"event: "):
-            name = line[7:].strip()
-        elif line.startswith(b"data: "):
-            data = line[6:]
+def note_event(tally: StreamTally, name: bytes, data: bytes) -> dict | None:
+    """Record what one server-sent event of vLLM's responses stream shows (a `Note`); the final
+    response object when the event ends the response."""
     if name.endswith(b".delta"):
-        _delta_seen(tally)
+        delta_seen(tally)
     elif name in TERMINAL:
         response = orjson.loads(data).get("response")
         record_usage(tally, response)
@@ -164,36 +149,6 @@ def note_event(tally: StreamTally, event: bytes) -> dict | None:
     elif name == b"error":
         tally.upstream_error = True
     return None
-
-
-async def relay_events(upstream: httpx.Response, tally: StreamTally, on_end: OnEnd) -> AsyncIterator[bytes]:
-    """Yield vLLM's bytes as they come, recording each whole event; `on_end` is awaited before
-    the bytes of the event that ends the response go out. Once the client is gone, read and
-    record what vLLM already sent (for `DRAIN_TOTAL_S` at most) and return."""
-    buffer = b""
-    reads = upstream.aiter_raw()
-    async for chunk in reads:
-        buffer += chunk
-        *events, buffer = buffer.split(b"\n\n")
-        ended = None
-        for event in events:
-            ended = note_event(tally, event) or ended
-        if tally.client_gone:
-            break
-        if ended is not None:
-            await on_end(ended)
-        yield chunk
-    if not tally.client_gone:
-        return
-    deadline = monotonic() + DRAIN_TOTAL_S
-    while monotonic() < deadline:
-        try:
-            buffer += await asyncio.wait_for(anext(reads), DRAIN_READ_S)
-        except (TimeoutError, StopAsyncIteration, httpx.HTTPError):
-            return
-        *events, buffer = buffer.split(b"\n\n")
-        for event in events:
-            note_event(tally, event)
 
 
 def _error_event(error: APIError) -> bytes:
@@ -217,7 +172,8 @@ class Owners:
         self.flight = flight
         self.response_id = response_id_of(flight)
 
-    async def write(self, response: dict | None = None) -> None:
+    async def write(self, response: dict | None = None) -> bool:
+        """Whether the record was written (False: Redis cannot be reached)."""
         usage = (response or {}).get("usage")
         done = response is not None and isinstance(usage, dict)
         owner = StoredResponse(
@@ -227,11 +183,10 @@ class Owners:
             output_bound(response) if done else -1,  # type: ignore[arg-type]
         )
         try:
-            await self.meter.own_response(self.response_id, owner, KEEP_S)
+            return await self.meter.own_response(self.response_id, owner, KEEP_S)
         except MeterUnavailable as exc:
-            raise APIError(
-                503, "stored responses are unavailable while metering is", type="service_unavailable"
-            ) from exc
+            log.warning("response %s: owner not recorded: redis unavailable (%s)", self.response_id, exc)
+            return False
 
 
 async def serve(
@@ -244,10 +199,8 @@ async def serve(
     context: int,
 ) -> Response:
     """Record the owner (when vLLM stores the response), ask vLLM for the flight's request and
-    answer the client."""
-    owners = Owners(meter, flight) if flight.request.body.get("store", True) is not False else None
-    if owners is not None:
-        await owners.write()
+    answer the client. When the owner cannot be recorded (Redis away, a tier served fail-open)
+    the response is not stored."""
     body = upstream_body(
         flight.request,
         priority=priority,
@@ -255,6 +208,10 @@ async def serve(
         context=context,
         response_id=response_id_of(flight),
     )
+    owners = Owners(meter, flight) if body.get("store", True) else None
+    if owners is not None and not await owners.write():
+        body["store"] = False  # no owner on record: nobody could read it back
+        owners = None
 
     async def on_end(response: dict) -> None:
         if owners is not None:
@@ -262,7 +219,9 @@ async def serve(
 
     if not flight.request.stream:
         return await _serve_unary(pool, flight, body, finish, on_end)
-    return await _serve_stream(pool, flight, body, finish, on_end)
+    return await serve_typed_stream(
+        pool, flight, upstream_request(pool, flight, body), finish, note_event, _error_event, on_end
+    )
 
 
 async def _serve_unary(
@@ -282,39 +241,3 @@ async def _serve_unary(
         flight.fail(Outcome.UPSTREAM_ERROR)
     media = response.headers.get("content-type")
     return SettledResponse(content, response.status_code, {"x-request-id": flight.request_id}, media, finish)
-
-
-async def _serve_stream(
-    pool: UpstreamPool, flight: Flight, body: dict[str, Any], finish: Finish, on_end: OnEnd
-) -> Response:
-    response = await send(pool, flight, upstream_request(pool, flight, body), stream=True)
-    if not response.is_success:
-        content = await response.aread()
-        await response.aclose()
-        flight.fail(Outcome.UPSTREAM_ERROR)
-        media = response.headers.get("content-type")
-        return SettledResponse(
-            content, response.status_code, {"x-request-id": flight.request_id}, media, finish
-        )
-
-    async def body_bytes() -> AsyncGenerator[bytes, None]:
-        try:
-            async for chunk in relay_events(response, flight.tally, on_end):
-                yield chunk
-        except httpx.HTTPError as exc:
-            yield _error_event(stream_failed(flight, exc))
-        except Exception as exc:
-            yield _error_event(relay_failed(flight, exc))
-        finally:
-            if flight.tally.open_choices and flight.tally.prompt_tokens == 0:
-                flight.tally.prompt_tokens = flight.plan.prompt_bound
-            await response.aclose()
-
-    return RelayResponse(
-        body_bytes(),
-        response.status_code,
-        {"x-request-id": flight.request_id, "cache-control": "no-cache"},
-        flight.hang_up,
-        lambda exc: relay_failed(flight, exc),
-        finish,
-    )

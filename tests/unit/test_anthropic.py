@@ -15,10 +15,11 @@ from starlette.requests import Request
 from metering.prompt import TemplateOverhead, messages_prompt_bound
 from proxy.anthropic.api_router import DIALECT
 from proxy.anthropic.protocol import error_body, parse_count_request, parse_request
-from proxy.anthropic.serving import note_event, relay_events, upstream_body
+from proxy.anthropic.serving import note_event, upstream_body
 from proxy.errors import APIError
 from proxy.generation import MAX_DEPTH, MAX_INT
 from proxy.relay import StreamTally
+from proxy.typed_events import relay_typed, split_event
 
 GOOD = {"model": "tiny", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -220,14 +221,18 @@ STOP = event("message_stop", {"type": "message_stop"})
 def test_events_record_the_prompt_the_deltas_and_the_exact_end() -> None:
     tally = StreamTally(0.0)
     for one in (START, DELTA, DELTA, DELTA):
-        note_event(tally, one)
+        note(tally, one)
     assert (tally.prompt_tokens, tally.cached_tokens, tally.completion_tokens) == (13, 3, 3)
     assert tally.first_token_at is not None and tally.open_choices == {0}
-    note_event(tally, END)
-    note_event(tally, STOP)
+    note(tally, END)
+    note(tally, STOP)
     assert (tally.completion_tokens, tally.finish_reason, tally.open_choices) == (5, "max_tokens", set())
-    note_event(tally, event("error", {"type": "error", "error": {"type": "internal_error", "message": "x"}}))
+    note(tally, event("error", {"type": "error", "error": {"type": "internal_error", "message": "x"}}))
     assert tally.upstream_error
+
+
+def note(tally: StreamTally, event: bytes) -> dict | None:
+    return note_event(tally, *split_event(event))
 
 
 def upstream(chunks: list[bytes]) -> httpx.Response:
@@ -245,7 +250,7 @@ def test_the_relay_passes_vllms_bytes_unchanged_however_they_are_split() -> None
     tally = StreamTally(0.0)
 
     async def run() -> bytes:
-        return b"".join([chunk async for chunk in relay_events(upstream(pieces), tally)])
+        return b"".join([chunk async for chunk in relay_typed(upstream(pieces), tally, note_event)])
 
     assert asyncio.run(run()) == whole
     assert (tally.completion_tokens, tally.prompt_tokens, tally.open_choices) == (5, 13, set())
@@ -257,7 +262,7 @@ def test_after_a_hang_up_the_relay_counts_what_vllm_already_sent_and_stops() -> 
 
     async def run() -> list[bytes]:
         out = []
-        async for chunk in relay_events(upstream(chunks), tally):
+        async for chunk in relay_typed(upstream(chunks), tally, note_event):
             out.append(chunk)
             tally.client_gone = True
         return out

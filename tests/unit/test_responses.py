@@ -16,7 +16,8 @@ from proxy.errors import APIError
 from proxy.generation import MAX_INT
 from proxy.relay import StreamTally
 from proxy.responses.protocol import parse_request
-from proxy.responses.serving import note_event, output_bound, relay_events, upstream_body
+from proxy.responses.serving import note_event, output_bound, upstream_body
+from proxy.typed_events import relay_typed, split_event
 
 GOOD = {"model": "tiny", "input": "hi"}
 
@@ -55,6 +56,7 @@ def test_a_valid_request_is_typed() -> None:
         (raw(stream="yes"), "stream"),
         (raw(background=True), "background"),
         (raw(background="no"), "background"),
+        (raw(store="no"), "store"),
         (raw(prompt={"id": "pmpt_1"}), "prompt"),
         (raw(request_id="resp_someone-elses"), "request_id"),
         (raw(previous_response_id="resp_"), "previous_response_id"),
@@ -149,13 +151,17 @@ DONE = event("response.incomplete", {"type": "response.incomplete", "response": 
 
 def test_events_record_the_deltas_and_the_exact_end() -> None:
     tally = StreamTally(0.0)
-    assert note_event(tally, CREATED) is None
+    assert note(tally, CREATED) is None
     for _ in range(3):
-        assert note_event(tally, DELTA) is None
+        assert note(tally, DELTA) is None
     assert (tally.prompt_tokens, tally.completion_tokens, tally.open_choices) == (0, 3, {0})
-    assert note_event(tally, DONE) == FINAL
+    assert note(tally, DONE) == FINAL
     assert (tally.prompt_tokens, tally.cached_tokens, tally.completion_tokens) == (12, 4, 5)
     assert tally.finish_reason == "max_output_tokens" and tally.open_choices == set()
+
+
+def note(tally: StreamTally, event: bytes) -> dict | None:
+    return note_event(tally, *split_event(event))
 
 
 def upstream(chunks: list[bytes]) -> httpx.Response:
@@ -178,7 +184,7 @@ def test_the_owner_is_written_before_the_last_event_goes_out() -> None:
         seen.append((response, len(b"".join(out))))
 
     async def run() -> None:
-        async for chunk in relay_events(upstream(pieces), tally, on_end):
+        async for chunk in relay_typed(upstream(pieces), tally, note_event, on_end):
             out.append(chunk)
 
     asyncio.run(run())

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -86,3 +88,30 @@ class CapgateServer(Service):
 
     def log_text(self) -> str:
         return self.process.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def replicas(
+    workdir: Path,
+    names: tuple[str, ...],
+    upstreams: list[str],
+    redis_url: str,
+    policy: Path,
+    settings: dict | None = None,
+) -> Iterator[list[CapgateServer]]:
+    """capgate processes (one per name, each in `workdir/<name>`) in front of `upstreams`,
+    sharing one Redis and `settings`, as replicas would; all are stopped on leaving, even when
+    one fails to start."""
+    servers = [
+        CapgateServer(
+            workdir / name, upstreams=upstreams, redis_url=redis_url, policy=policy, settings=settings
+        )
+        for name in names
+    ]
+    try:
+        for server in servers:
+            server.start()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()

@@ -19,6 +19,7 @@ import openai
 import pytest
 from harness import RedisCluster, RedisServer, VllmServer, sample_sum
 from harness.capgate_server import CapgateServer
+from harness.capgate_server import replicas as harness_replicas
 from harness.clients import openai_client
 from harness.ledger import generated, usage_left, wait_for_events
 from harness.policies import key_of, write_policy
@@ -88,25 +89,11 @@ def replicas(
     policy: Path,
     settings: dict | None = None,
 ) -> Iterator[list[CapgateServer]]:
-    """capgate processes (one per name) in front of `upstream`, sharing one Redis, with
-    `BURST_SETTINGS` and `settings`; all are stopped on leaving."""
-    servers = [
-        CapgateServer(
-            workdir / name,
-            upstreams=[upstream],
-            redis_url=redis_url,
-            policy=policy,
-            settings={**BURST_SETTINGS, **(settings or {})},
-        )
-        for name in names
-    ]
-    try:
-        for server in servers:
-            server.start()
+    """capgate replicas in front of `upstream` with `BURST_SETTINGS` and `settings`."""
+    with harness_replicas(
+        workdir, names, [upstream], redis_url, policy, {**BURST_SETTINGS, **(settings or {})}
+    ) as servers:
         yield servers
-    finally:
-        for server in servers:
-            server.stop()
 
 
 @pytest.fixture(scope="module")

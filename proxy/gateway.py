@@ -381,13 +381,13 @@ class Gateway:
         metrics.TOKENS.labels(tier, route, "cached_prompt").inc(event.cached_tokens)
         metrics.TOKENS.labels(tier, route, "completion").inc(event.completion_tokens)
         metrics.VALUE.labels(tier).inc(event.value_nano / 1e9)
-        metrics.DURATION.labels(tier).observe(now - flight.started)
+        metrics.DURATION.labels(tier, route).observe(now - flight.started)
         if event.ttft_ms is not None:
-            metrics.TTFT.labels(tier).observe(event.ttft_ms / 1000)
+            metrics.TTFT.labels(tier, route).observe(event.ttft_ms / 1000)
             self.admission.observe_ttft(tier, flight.principal.tier, event.ttft_ms / 1000)
         if tally.first_token_at and tally.last_token_at and event.completion_tokens > 1:
             gap = (tally.last_token_at - tally.first_token_at) / (event.completion_tokens - 1)
-            metrics.ITL.labels(tier).observe(gap)
+            metrics.ITL.labels(tier, route).observe(gap)
 
     async def _preempt(self, priority: int, upstreams: Sequence[UpstreamState]) -> bool:
         """Ask the stream that matters least on one of `upstreams` to end, for a request of

@@ -41,20 +41,20 @@ CAP_REJECTIONS = Counter(
 )
 TTFT = Histogram(
     "capgate_time_to_first_token_seconds",
-    "Time from request arrival to the first generated token, by tier.",
-    ["tier"],
+    "Time from request arrival to the first generated token, by tier and route.",
+    ["tier", "route"],
     buckets=LATENCY_BUCKETS,
 )
 ITL = Histogram(
     "capgate_inter_token_latency_seconds",
-    "Mean time between generated tokens of a stream, by tier.",
-    ["tier"],
+    "Mean time between generated tokens of a stream, by tier and route.",
+    ["tier", "route"],
     buckets=TOKEN_GAP_BUCKETS,
 )
 DURATION = Histogram(
     "capgate_request_duration_seconds",
-    "Time from request arrival to its end, by tier.",
-    ["tier"],
+    "Time from request arrival to its end, by tier and route.",
+    ["tier", "route"],
     buckets=DURATION_BUCKETS,
 )
 ADDED = Histogram(

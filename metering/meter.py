@@ -193,7 +193,7 @@ class Meter:
         keys = UserKeys(req.user_id)
         windows = req.tier.caps.windows
         slots = self._slots(windows, now)
-        rates = Rates.of(req.tier)
+        rates = Rates.of(req.tier, req.model)
         record = {
             "u": req.user_id,
             "t": req.tier_name,

@@ -16,7 +16,7 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class Rates:
-    """A tier's prices in nano-units of the policy currency per token. The only place prices are
+    """A tier's prices for one model in nano-units of the policy currency per token. The only place prices are
     derived: settlement applies them here, and the reaper's Lua applies the same three numbers,
     carried in each reservation record, to what it last observed."""
 
@@ -25,9 +25,10 @@ class Rates:
     completion: int
 
     @classmethod
-    def of(cls, tier: Tier) -> "Rates":
-        """Cached prompt tokens cost `cached_prompt` when it is set, else `prompt`."""
-        prices = tier.prices
+    def of(cls, tier: Tier, model: str) -> "Rates":
+        """`model`'s rates at `tier` (its own prices over the tier's defaults). Cached prompt
+        tokens cost `cached_prompt` when it is set, else `prompt`."""
+        prices = tier.prices.for_model(model)
         prompt = prices.prompt.nano_per_token if prices.prompt else 0
         cached = prices.cached_prompt.nano_per_token if prices.cached_prompt else prompt
         completion = prices.completion.nano_per_token if prices.completion else 0
@@ -42,9 +43,9 @@ class Rates:
         )
 
 
-def value_nano(tier: Tier, usage: Usage) -> int:
-    """The value of `usage` at `tier`'s prices, in nano-units of the policy currency."""
-    return Rates.of(tier).value(usage)
+def value_nano(tier: Tier, model: str, usage: Usage) -> int:
+    """The value of `usage` of `model` at `tier`'s prices, in nano-units of the policy currency."""
+    return Rates.of(tier, model).value(usage)
 
 
 def counted_tokens(tier: Tier, usage: Usage) -> int:

@@ -88,8 +88,8 @@ class Caps(_Strict):
         return self
 
 
-class Prices(_Strict):
-    """Prices per token type. `cached_prompt` applies to prompt tokens vLLM served from cache."""
+class ModelPrices(_Strict):
+    """One model's prices per token type; a type left out takes the tier's default."""
 
     prompt: Price | None = None
     cached_prompt: Price | None = None
@@ -98,6 +98,30 @@ class Prices(_Strict):
     def defined(self) -> Iterator[TokenPrice]:
         """The prices that are set."""
         return (p for p in (self.prompt, self.cached_prompt, self.completion) if p is not None)
+
+
+class Prices(ModelPrices):
+    """Prices per token type, the default for every model, and `models`: the prices of the models
+    that differ. `cached_prompt` applies to prompt tokens vLLM served from cache."""
+
+    models: dict[str, ModelPrices] = {}
+
+    def for_model(self, model: str) -> ModelPrices:
+        """The prices of `model`: its own entry over the defaults."""
+        own = self.models.get(model)
+        if own is None:
+            return self
+        return ModelPrices(
+            prompt=own.prompt or self.prompt,
+            cached_prompt=own.cached_prompt or (None if own.prompt else self.cached_prompt),
+            completion=own.completion or self.completion,
+        )
+
+    def defined(self) -> Iterator[TokenPrice]:
+        """The prices that are set, the per-model ones included."""
+        yield from super().defined()
+        for own in self.models.values():
+            yield from own.defined()
 
 
 class Plan(_Strict):
@@ -184,6 +208,11 @@ def reference_problems(policy: Policy) -> list[Problem]:
                 first = ".".join(map(str, seen_keys[key]))
                 problems.append((where, f"duplicate key hash (also at {first})"))
             seen_keys[key] = where
+    for name, tier in policy.tiers.items():
+        for model in tier.prices.models:
+            if not tier.allows_model(model):
+                where = ("tiers", name, "prices", "models", model)
+                problems.append((where, f"a price for model {model!r}, which the tier may not use"))
     currencies = sorted({price.currency for tier in policy.tiers.values() for price in tier.prices.defined()})
     if len(currencies) > 1:
         problems.append((("tiers",), f"prices mix currencies {currencies}"))

@@ -105,7 +105,7 @@ def usage_event(flight: Flight, outcome: Outcome, now: float, wall_ms: int) -> U
         prompt_tokens=usage.prompt_tokens,
         cached_tokens=usage.cached_tokens,
         completion_tokens=usage.completion_tokens,
-        value_nano=Rates.of(principal.tier).value(usage),
+        value_nano=Rates.of(principal.tier, flight.model).value(usage),
         counted=counted_tokens(principal.tier, usage),
         finish_reason=(tally.finish_reason or outcome.value) if served else outcome.value,
         ttft_ms=None if ttft is None else ttft * 1000,

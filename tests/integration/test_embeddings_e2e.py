@@ -30,11 +30,18 @@ EMBED = "tiny-embed"
 RUN = uuid.uuid4().hex[:8]  # user ids unique to this run: Redis outlives a module
 CAP = 400
 TIERS = {
-    "metered": {"priority": 5, "prices": {"prompt": "0.20 USD/1M", "completion": "0.80 USD/1M"}},
+    "metered": {
+        "priority": 5,
+        "prices": {
+            "prompt": "0.20 USD/1M",
+            "completion": "0.80 USD/1M",
+            "models": {EMBED: {"prompt": "0.50 USD/1M"}},  # nano-USD per token: 200, 800; 500 for EMBED
+        },
+    },
     "capped": {"caps": {"windows": [{"per": "day", "tokens": CAP}]}},
 }
-EXACT, ROUND, ERRORS = (f"{name}-{RUN}" for name in ("exact", "round", "errors"))
-USERS = {EXACT: "metered", ROUND: "capped", ERRORS: "capped"}
+EXACT, PRICED, ROUND, ERRORS = (f"{name}-{RUN}" for name in ("exact", "priced", "round", "errors"))
+USERS = {EXACT: "metered", PRICED: "metered", ROUND: "capped", ERRORS: "capped"}
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +97,30 @@ def test_embeddings_equal_vllms_own_and_are_billed_exactly(
             assert reply.usage.prompt_tokens == direct.usage.prompt_tokens
     events = {e["request_id"]: e for e in wait_for_events(replicas[0], EXACT, len(ids))}
     assert set(events) == set(ids)
-    assert all(int(e["completion_tokens"]) == 0 and int(e["value_nano"]) > 0 for e in events.values())
+    assert all(int(e["completion_tokens"]) == 0 for e in events.values())
+    assert all(int(e["value_nano"]) == 500 * int(e["prompt_tokens"]) for e in events.values()), (
+        "EMBED's price"
+    )
     assert sum(int(e["prompt_tokens"]) for e in events.values()) == used
     embedder.wait_quiet()
     assert prompt_tokens(embedder) - before == used, "billed equals vLLM's own prompt count"
+
+
+def test_each_model_is_priced_at_its_own_rates(replicas: tuple[CapgateServer, CapgateServer]) -> None:
+    """One user's chat completion takes the tier's default prices, its embedding the embedding
+    model's own: the ledger's value is tokens times each model's prices, exactly."""
+    sdk = openai_client(replicas[0].base_url, key_of(PRICED))
+    chat = sdk.chat.completions.with_raw_response.create(
+        model="tiny", messages=[{"role": "user", "content": "price me"}], max_tokens=7
+    )
+    embedding = sdk.embeddings.with_raw_response.create(model=EMBED, input="price me too")
+    events = {e["request_id"]: e for e in wait_for_events(replicas[0], PRICED, 2)}
+    usage = chat.parse().usage
+    chat_event = events[chat.headers["x-request-id"]]
+    assert int(chat_event["value_nano"]) == 200 * usage.prompt_tokens + 800 * usage.completion_tokens
+    embed_event = events[embedding.headers["x-request-id"]]
+    assert int(embed_event["value_nano"]) == 500 * embedding.parse().usage.prompt_tokens
+    assert int(embed_event["value_nano"]) > 0
 
 
 def test_no_overshoot_with_concurrent_embeddings_over_two_replicas(

@@ -302,7 +302,7 @@ def test_reaper_prices_cached_prompt_tokens_like_settlement(redis_url: str) -> N
         clock.now += 11
         assert await meter.reap_all() == 1
         [(_, fields)] = await redis.xrange("cg:{u:carol}:ledger")
-        expected = value_nano(tier, Usage(prompt_tokens=512, completion_tokens=7, cached_tokens=384))
+        expected = value_nano(tier, "tiny", Usage(prompt_tokens=512, completion_tokens=7, cached_tokens=384))
         assert int(fields[b"value_nano"]) == expected and fields[b"cached_tokens"] == b"384"
 
     run(scenario, redis_url)

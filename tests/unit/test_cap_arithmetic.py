@@ -128,7 +128,26 @@ def test_prices_are_exact_nano_units() -> None:
 def test_value_prices_cached_prompt_separately() -> None:
     t = tier(prices={"prompt": "1 USD/1M", "cached_prompt": "0.1 USD/1M", "completion": "2 USD/1M"})
     usage = Usage(prompt_tokens=100, completion_tokens=10, cached_tokens=40)
-    assert value_nano(t, usage) == 60 * 1000 + 40 * 100 + 10 * 2000
+    assert value_nano(t, "tiny", usage) == 60 * 1000 + 40 * 100 + 10 * 2000
+
+
+def test_a_model_with_its_own_prices_takes_them_over_the_tiers_defaults() -> None:
+    t = tier(
+        prices={
+            "prompt": "1 USD/1M",
+            "cached_prompt": "0.1 USD/1M",
+            "completion": "2 USD/1M",
+            "models": {
+                "big": {"prompt": "5 USD/1M", "completion": "20 USD/1M"},
+                "mid": {"completion": "4 USD/1M"},
+            },
+        }
+    )
+    usage = Usage(prompt_tokens=100, completion_tokens=10, cached_tokens=40)
+    assert value_nano(t, "tiny", usage) == 60 * 1000 + 40 * 100 + 10 * 2000
+    # "big" sets its own prompt price, so its cached tokens cost that, not the default cached price
+    assert value_nano(t, "big", usage) == 100 * 5000 + 10 * 20000
+    assert value_nano(t, "mid", usage) == 60 * 1000 + 40 * 100 + 10 * 4000
 
 
 def test_counted_tokens_follow_the_tier() -> None:

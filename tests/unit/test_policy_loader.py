@@ -133,6 +133,22 @@ BROKEN = [
         ("tiers.free.caps", 4, "window 'day' is capped twice"),
         id="window-twice",
     ),
+    pytest.param(
+        BASE.replace("    priority: 10\n", "    priority: 10\n    models: [tiny]\n").replace(
+            'completion: "1.00 USD/1M"',
+            'completion: "1.00 USD/1M"\n      models:\n        big: {completion: "9 USD/1M"}',
+        ),
+        ("tiers.free.prices.models.big", 12, "a price for model 'big', which the tier may not use"),
+        id="price-for-a-model-not-allowed",
+    ),
+    pytest.param(
+        BASE.replace(
+            'completion: "1.00 USD/1M"',
+            'completion: "1.00 USD/1M"\n      models:\n        big: {compleshun: "9 USD/1M"}',
+        ),
+        ("tiers.free.prices.models.big.compleshun", 11, "unknown field"),
+        id="per-model-price-typo",
+    ),
     pytest.param("tiers: [\n", ("", 2, "invalid YAML"), id="invalid-yaml"),
 ]
 

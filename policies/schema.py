@@ -89,7 +89,8 @@ class Caps(_Strict):
 
 
 class ModelPrices(_Strict):
-    """One model's prices per token type; a type left out takes the tier's default."""
+    """One model's prices per token type; a type left out takes the tier's default (but a model
+    that sets its own `prompt` price and no `cached_prompt` has its cached tokens at that price)."""
 
     prompt: Price | None = None
     cached_prompt: Price | None = None

@@ -18,6 +18,7 @@ from proxy.inbound import read_body
 
 MESSAGES = "/v1/messages"
 KEY_HEADER = "x-api-key"
+LOOKUP_TIMEOUT_S = 10.0  # vLLM renders and counts a prompt; it generates nothing
 
 DIALECT = Dialect(
     "messages",
@@ -46,7 +47,7 @@ async def count_tokens(gateway: Gateway, request: Request) -> Response:
             upstream.upstream.url + COUNT_TOKENS,
             content=raw,
             headers={"content-type": "application/json"},
-            timeout=gateway.settings.timeouts.connect_s + 5.0,
+            timeout=LOOKUP_TIMEOUT_S,
         )
     except httpx.HTTPError as exc:
         raise APIError(502, f"upstream unreachable: {exc}", type="upstream_error") from exc

@@ -18,6 +18,7 @@ from proxy.responses.protocol import RESPONSE_ID, parse_request
 from proxy.responses.serving import local_prompt_bound, not_found, owned, prior, serve, tokenized_prompt_bound
 
 RESPONSES = "/v1/responses"
+LOOKUP_TIMEOUT_S = 30.0  # vLLM reads (or cancels) a stored response; it generates nothing
 
 DIALECT = Dialect(
     "responses",
@@ -41,7 +42,7 @@ async def stored(gateway: Gateway, request: Request, method: str, tail: str) -> 
     url = f"{owner.upstream}{RESPONSES}/{response_id}{tail}"
     try:
         reply = await gateway.pool.client.request(
-            method, url, params=request.query_params, timeout=gateway.settings.timeouts.connect_s + 25.0
+            method, url, params=request.query_params, timeout=LOOKUP_TIMEOUT_S
         )
     except httpx.HTTPError as exc:
         raise APIError(

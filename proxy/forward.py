@@ -6,6 +6,7 @@ transport failures to a 504 (timed out) or a 502 (unreachable) counted in
 """
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -49,6 +50,41 @@ async def send(pool: UpstreamPool, flight: Flight, request: httpx.Request, strea
         raise APIError(
             502, f"upstream unreachable: {exc}", type="upstream_error", code="upstream_unreachable"
         ) from exc
+
+
+ReadAnswer = Callable[[dict], None]
+AfterAnswer = Callable[[dict], Awaitable[None]]
+
+
+async def serve_unary(
+    pool: UpstreamPool,
+    flight: Flight,
+    request: httpx.Request,
+    finish: Finish,
+    read: ReadAnswer,
+    after: AfterAnswer | None = None,
+) -> SettledResponse:
+    """Send `request` and answer with vLLM's body as it is. A successful answer is handed to the
+    API's `read` (which records its usage and end on the flight), then to `after`; one that is
+    not a readable JSON object is a 502. vLLM's own error answers pass through."""
+    response = await send(pool, flight, request, stream=False)
+    content = response.content
+    if response.is_success:
+        try:
+            reply = orjson.loads(content)
+            if not isinstance(reply, dict):
+                raise TypeError(f"a JSON {type(reply).__name__}, not an object")
+            read(reply)
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
+            log.error("request %s: unreadable answer from vLLM: %r", flight.request_id, exc)
+            flight.fail(Outcome.UPSTREAM_ERROR)
+            raise APIError(502, "the upstream's answer is unreadable", type="upstream_error") from exc
+        if after is not None:
+            await after(reply)
+    else:
+        flight.fail(Outcome.UPSTREAM_ERROR)
+    media = response.headers.get("content-type")
+    return SettledResponse(content, response.status_code, {"x-request-id": flight.request_id}, media, finish)
 
 
 async def refused_response(flight: Flight, response: httpx.Response, finish: Finish) -> SettledResponse:

@@ -12,6 +12,7 @@ up front (no leases: it is never cut at a budget nor preempted), and is billed:
   those of its last steps before the abort).
 """
 
+import functools
 from typing import Any
 
 import httpx
@@ -23,11 +24,11 @@ from metering.meter import Meter
 from metering.prompt import TemplateOverhead, messages_prompt_bound
 from proxy.anthropic.protocol import error_event
 from proxy.errors import APIError
-from proxy.flight import Flight, Outcome
-from proxy.forward import send, upstream_request
+from proxy.flight import Flight
+from proxy.forward import serve_unary, upstream_request
 from proxy.generation import GenerationRequest
 from proxy.relay import StreamTally
-from proxy.streaming import Finish, SettledResponse
+from proxy.streaming import Finish
 from proxy.typed_events import delta_seen, serve_typed_stream
 from proxy.upstream import UpstreamPool, UpstreamState
 
@@ -98,30 +99,11 @@ def note_event(tally: StreamTally, name: bytes, data: bytes) -> dict | None:
     return None
 
 
-async def serve_unary(
-    pool: UpstreamPool, flight: Flight, body: dict[str, Any], headers: dict[str, str], finish: Finish
-) -> Response:
-    """Send the request, record vLLM's usage and stop reason, answer with vLLM's body."""
-    response = await send(pool, flight, upstream_request(pool, flight, body, headers), stream=False)
-    content = response.content
-    if response.is_success:
-        try:
-            reply = orjson.loads(content)
-            record_usage(flight.tally, reply.get("usage"))
-            flight.tally.finish_reason = reply.get("stop_reason")
-        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
-            flight.fail(Outcome.UPSTREAM_ERROR)
-            raise APIError(502, "the upstream's answer is unreadable", type="upstream_error") from exc
-        flight.tally.open_choices.clear()
-    else:
-        flight.fail(Outcome.UPSTREAM_ERROR)
-    return SettledResponse(
-        content,
-        response.status_code,
-        {"x-request-id": flight.request_id},
-        response.headers.get("content-type"),
-        finish,
-    )
+def read_answer(flight: Flight, reply: dict) -> None:
+    """Record a whole messages answer's usage and stop reason on the flight."""
+    record_usage(flight.tally, reply.get("usage"))
+    flight.tally.finish_reason = reply.get("stop_reason")
+    flight.tally.open_choices.clear()
 
 
 async def serve(
@@ -140,4 +122,5 @@ async def serve(
     if flight.request.stream:
         request = upstream_request(pool, flight, body, headers)
         return await serve_typed_stream(pool, flight, request, finish, note_event, error_event)
-    return await serve_unary(pool, flight, body, headers, finish)
+    request = upstream_request(pool, flight, body, headers)
+    return await serve_unary(pool, flight, request, finish, functools.partial(read_answer, flight))

@@ -6,6 +6,7 @@ request ended is decided by `proxy.flight.outcome_of`, and settlement is the `fi
 the gateway hands in, which the response classes run exactly once.
 """
 
+import functools
 import logging
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -18,12 +19,13 @@ from metering.lease import StreamBudget
 from metering.meter import Meter
 from metering.prompt import TemplateOverhead, chat_prompt_bound, completion_prompt_bound
 from policies.budget import per_output_limit
+from proxy import forward
 from proxy.errors import APIError
-from proxy.flight import Flight, Outcome
+from proxy.flight import Flight
 from proxy.forward import refused_response, relay_failed, send, stream_failed, upstream_request
 from proxy.generation import GenerationRequest
 from proxy.relay import relay
-from proxy.streaming import Finish, RelayResponse, SettledResponse
+from proxy.streaming import Finish, RelayResponse
 from proxy.upstream import UpstreamPool, UpstreamState
 
 log = logging.getLogger("capgate.openai")
@@ -88,26 +90,17 @@ def _error_event(error: APIError) -> bytes:
     return b"data: " + orjson.dumps(error.body()) + b"\n\ndata: [DONE]\n\n"
 
 
+def read_answer(flight: Flight, reply: dict) -> None:
+    """Record a whole OpenAI answer's usage and last finish reason on the flight."""
+    flight.tally.record(reply.get("usage") or {})
+    reasons = [c.get("finish_reason") for c in reply.get("choices") or [] if c.get("finish_reason")]
+    flight.tally.finish_reason = reasons[-1] if reasons else None
+
+
 async def serve_unary(pool: UpstreamPool, flight: Flight, body: dict[str, Any], finish: Finish) -> Response:
     """Send the request, record vLLM's usage and finish reason, answer with vLLM's body."""
-    response = await send(pool, flight, upstream_request(pool, flight, body), stream=False)
-    content = response.content
-    if response.is_success:
-        try:
-            reply = orjson.loads(content)
-            flight.tally.record(reply.get("usage") or {})
-            reasons = [c.get("finish_reason") for c in reply.get("choices") or [] if c.get("finish_reason")]
-        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
-            log.error("request %s: unreadable answer from vLLM: %r", flight.request_id, exc)
-            flight.fail(Outcome.UPSTREAM_ERROR)
-            raise APIError(502, "the upstream's answer is unreadable", type="upstream_error") from exc
-        flight.tally.finish_reason = reasons[-1] if reasons else None
-    else:
-        flight.fail(Outcome.UPSTREAM_ERROR)
-    headers = {"x-request-id": flight.request_id}
-    return SettledResponse(
-        content, response.status_code, headers, response.headers.get("content-type"), finish
-    )
+    request = upstream_request(pool, flight, body)
+    return await forward.serve_unary(pool, flight, request, finish, functools.partial(read_answer, flight))
 
 
 async def serve_stream(

@@ -26,12 +26,12 @@ from metering.meter import Meter, MeterUnavailable, StoredResponse
 from metering.prompt import TemplateOverhead, responses_prompt_bound
 from policies.index import Principal
 from proxy.errors import APIError
-from proxy.flight import Flight, Outcome
-from proxy.forward import send, upstream_request
+from proxy.flight import Flight
+from proxy.forward import serve_unary, upstream_request
 from proxy.generation import GenerationRequest
 from proxy.relay import StreamTally
-from proxy.streaming import Finish, SettledResponse
-from proxy.typed_events import OnEnd, delta_seen, serve_typed_stream
+from proxy.streaming import Finish
+from proxy.typed_events import delta_seen, serve_typed_stream
 from proxy.upstream import UpstreamPool, UpstreamState
 
 log = logging.getLogger("capgate.responses")
@@ -218,26 +218,10 @@ async def serve(
             await owners.write(response)
 
     if not flight.request.stream:
-        return await _serve_unary(pool, flight, body, finish, on_end)
+        request = upstream_request(pool, flight, body)
+        return await serve_unary(
+            pool, flight, request, finish, lambda reply: record_usage(flight.tally, reply), on_end
+        )
     return await serve_typed_stream(
         pool, flight, upstream_request(pool, flight, body), finish, note_event, _error_event, on_end
     )
-
-
-async def _serve_unary(
-    pool: UpstreamPool, flight: Flight, body: dict[str, Any], finish: Finish, on_end: OnEnd
-) -> Response:
-    response = await send(pool, flight, upstream_request(pool, flight, body), stream=False)
-    content = response.content
-    if response.is_success:
-        try:
-            reply = orjson.loads(content)
-            record_usage(flight.tally, reply)
-        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
-            flight.fail(Outcome.UPSTREAM_ERROR)
-            raise APIError(502, "the upstream's answer is unreadable", type="upstream_error") from exc
-        await on_end(reply)
-    else:
-        flight.fail(Outcome.UPSTREAM_ERROR)
-    media = response.headers.get("content-type")
-    return SettledResponse(content, response.status_code, {"x-request-id": flight.request_id}, media, finish)

@@ -11,12 +11,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from metering.meter import MeterUnavailable, StoredResponse
 from metering.prompt import TemplateOverhead, responses_prompt_bound
+from policies.index import Principal
+from policies.schema import Tier
 from proxy.errors import APIError
 from proxy.generation import MAX_INT
 from proxy.relay import StreamTally
 from proxy.responses.protocol import parse_request
-from proxy.responses.serving import note_event, output_bound, upstream_body
+from proxy.responses.serving import note_event, output_bound, owned, upstream_body
 from proxy.typed_events import relay_typed, split_event
 
 GOOD = {"model": "tiny", "input": "hi"}
@@ -190,3 +193,33 @@ def test_the_owner_is_written_before_the_last_event_goes_out() -> None:
     asyncio.run(run())
     assert b"".join(out) == whole
     assert len(seen) == 1 and seen[0][0] == FINAL and seen[0][1] < len(whole)
+
+
+class Meters:
+    """What `owned` reads of a `Meter`: one owner record, or Redis away."""
+
+    def __init__(self, found: StoredResponse | None, down: bool = False) -> None:
+        self.found, self.down = found, down
+
+    async def response_owner(self, response_id: str) -> StoredResponse | None:
+        if self.down:
+            raise MeterUnavailable("connection refused")
+        return self.found
+
+
+def test_a_stored_response_is_its_owners_a_404_for_others_and_a_503_without_redis() -> None:
+    alice = Principal("alice", "pro", Tier())
+    mallory = Principal("mallory", "pro", Tier())
+    record = StoredResponse("alice", "http://127.0.0.1:9000", 10, 20)
+
+    def status(meter: Meters, principal: Principal) -> int:
+        try:
+            asyncio.run(owned(meter, principal, "resp_1"))  # type: ignore[arg-type]
+        except APIError as error:
+            return error.status
+        return 200
+
+    assert status(Meters(record), alice) == 200
+    assert status(Meters(record), mallory) == 404
+    assert status(Meters(None), alice) == 404
+    assert status(Meters(record, down=True), alice) == 503

@@ -1,12 +1,20 @@
-"""Redis key names. Every key of one user carries the hash tag `{u:<id>}`, so a script that
-touches one user's keys runs unchanged on Redis Cluster."""
+"""Redis key names.
 
+Every metering key of one user carries one hash tag, the user's *home*: `{u:<id>}` for a user in
+no team, `{t:<team>}` for a member of a team, whose windows share that tag. So a script that
+reserves against a user's windows and their team's runs unchanged on Redis Cluster. A user who
+changes team moves home (see `metering.meter.Meter.move_home`). Ids never hold ':' or braces
+(`policies.schema.NAME`), so keys parse back unambiguously.
+"""
+
+import re
 from dataclasses import dataclass
 
 PREFIX = "cg"
-LEDGER_PATTERN = f"{PREFIX}:{{u:*}}:ledger"
-LIVE_PATTERN = f"{PREFIX}:{{u:*}}:live"
-TOTALS_PATTERN = f"{PREFIX}:{{u:*}}:totals"
+LEDGER_PATTERN = f"{PREFIX}:{{[ut]:*:ledger"
+LIVE_PATTERN = f"{PREFIX}:{{[ut]:*:live"
+TOTALS_PATTERN = f"{PREFIX}:{{[ut]:*:totals"
+_USER_KEY = re.compile(r"^cg:\{(?:u:(?P<solo>[^}]+)\}|t:(?P<team>[^}]+)\}:u:(?P<member>[^:]+)):")
 
 
 def slots_key(upstream: str) -> str:
@@ -33,15 +41,23 @@ def response_key(response_id: str) -> str:
 PREEMPTED_KEY = f"{PREFIX}:{{slots}}:preempted"  # requests asked to end, for whichever replica holds them
 
 
+def team_window_key(team: str, name: str, spend: bool) -> str:
+    """A team's count of tokens (or spend) in one window, in the team's hash slot."""
+    return f"{PREFIX}:{{t:{team}}}:{'ts' if spend else 'tw'}:{name}"
+
+
 @dataclass(frozen=True, slots=True)
 class UserKeys:
-    """The keys of one user."""
+    """The keys of one user in one home: alone, or in `team`'s hash slot."""
 
     user_id: str
+    team: str | None = None
 
     @property
     def _base(self) -> str:
-        return f"{PREFIX}:{{u:{self.user_id}}}"
+        if self.team is None:
+            return f"{PREFIX}:{{u:{self.user_id}}}"
+        return f"{PREFIX}:{{t:{self.team}}}:u:{self.user_id}"
 
     @property
     def res(self) -> str:
@@ -63,15 +79,20 @@ class UserKeys:
     def settled(self) -> str:
         return f"{self._base}:settled"
 
-    def window(self, name: str) -> str:
-        return f"{self._base}:w:{name}"
+    def window(self, name: str, spend: bool = False) -> str:
+        """The user's count of tokens (or spend) in one window."""
+        return f"{self._base}:{'s' if spend else 'w'}:{name}"
 
     def fixed(self) -> list[str]:
         """The five keys every metering script takes first, in order."""
         return [self.res, self.live, self.totals, self.ledger, self.settled]
 
 
-def user_of_key(key: str) -> str:
-    """The user id inside a key's hash tag."""
-    start = key.index("{u:") + 3
-    return key[start : key.index("}", start)]
+def user_keys_of(key: str) -> UserKeys:
+    """The user (and home) one of their metering keys belongs to."""
+    match = _USER_KEY.match(key)
+    if match is None:
+        raise ValueError(f"not a user's metering key: {key!r}")
+    if match["solo"] is not None:
+        return UserKeys(match["solo"])
+    return UserKeys(match["member"], match["team"])

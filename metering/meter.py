@@ -1,8 +1,8 @@
 """The meter: reservations, leases and settlement in Redis, one round trip each.
 
-Every call runs one Lua script over one user's keys (one hash slot), so it is atomic and works
-on a single Redis or a Redis Cluster alike. Redis being unreachable surfaces as
-`MeterUnavailable`; what to do then is the caller's choice (the tier's fail mode).
+Every call runs one Lua script over one user's keys and their team's (one hash slot: the user's
+home), so it is atomic and works on a single Redis or a Redis Cluster alike. Redis being
+unreachable surfaces as `MeterUnavailable`; what to do then is the caller's choice (the tier's fail mode).
 """
 
 import contextlib
@@ -23,14 +23,15 @@ from metering.keys import (
     UserKeys,
     response_key,
     slots_key,
-    user_of_key,
+    user_keys_of,
     victims_key,
     waiting_key,
 )
 from metering.pipeline import ReplyError, ScriptConnection
-from metering.windows import WindowSlot, slot_of
+from metering.windows import Counter, Scope, counters_of
+from policies.money import nano_to_decimal
 from policies.pricing import Rates
-from policies.schema import Tier, Window
+from policies.schema import Tier
 
 RedisClient = Redis | RedisCluster
 _HERE = Path(__file__).parent
@@ -64,14 +65,25 @@ class MeterRefused(ValueError):
 
 
 class CapExceeded(Exception):
-    """A window has no room for the request; `retry_after` is in whole seconds."""
+    """A counter has no room for the request; `retry_after` is in whole seconds. `window` names
+    it (`day`, `team day`); `spend` says whether it caps money (`cap` and `used` in nano-units)."""
 
-    def __init__(self, window: str, cap: int, used: int, retry_after: int) -> None:
-        super().__init__(f"token cap of window {window!r} reached ({used} of {cap} tokens used)")
+    def __init__(self, window: str, cap: int, used: int, retry_after: int, spend: bool = False) -> None:
+        if spend:
+            spent, most = nano_to_decimal(used), nano_to_decimal(cap)
+            what = f"spend cap of window {window!r} reached ({spent} of {most} spent)"
+        else:
+            what = f"token cap of window {window!r} reached ({used} of {cap} tokens used)"
+        super().__init__(what)
         self.window = window
         self.cap = cap
         self.used = used
         self.retry_after = retry_after
+        self.spend = spend
+
+
+class AccountMoving(Exception):
+    """The user is moving between teams (their counters are changing hash slot): retry shortly."""
 
 
 class ConcurrencyExceeded(Exception):
@@ -84,31 +96,43 @@ class ConcurrencyExceeded(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ReserveRequest:
-    """What to hold for one request. `fixed` is the counted prompt bound; the completion grant
-    is the most in [want_min, want_max] that every window has room for."""
+    """What to hold for one request of `scope`. `fixed` is the counted prompt bound; the
+    completion grant is the most in [want_min, want_max] that every counter has room for, spend
+    counters holding `prompt_bound` at the dearer prompt price and the grant at the completion
+    price."""
 
     request_id: str
-    user_id: str
+    scope: Scope
     tier_name: str
     tier: Tier
     model: str
     fixed: int
     want_min: int
     want_max: int
+    prompt_bound: int = 0
+
+    @property
+    def user_id(self) -> str:
+        return self.scope.user_id
 
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
-    """A hold in Redis. `left` is the room the windows had beyond it (-1: no window caps)."""
+    """A hold in Redis. `left` is the completion tokens the counters had room for beyond it (-1:
+    none bound them)."""
 
     request_id: str
-    user_id: str
+    scope: Scope
     tier_name: str
     tier: Tier
     model: str
     fixed: int
     granted: int
     left: int
+
+    @property
+    def user_id(self) -> str:
+        return self.scope.user_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,14 +155,16 @@ class StoredResponse:
     output_bound: int
 
 
-def _script(name: str) -> str:
+def load_script(name: str) -> str:
+    """A metering script: the shared helpers (lib.lua), then `name`.lua."""
     return _LIB + "\n" + (_HERE / f"{name}.lua").read_text()
 
 
-def _window_args(slots: Sequence[WindowSlot]) -> list[int]:
+def _counter_args(counters: Sequence[Counter]) -> list[int]:
     args: list[int] = []
-    for slot in slots:
-        args += [slot.cap, slot.current, slot.lo, slot.ttl_s]
+    for counter in counters:
+        slot = counter.slot
+        args += [slot.cap, slot.current, slot.lo, slot.ttl_s, int(counter.spend)]
     return args
 
 
@@ -161,20 +187,19 @@ class Meter:
         self.scripts = scripts
         self.lease_ttl_s = lease_ttl_s
         self.clock = clock
-        self._reserve = redis.register_script(_script("reserve"))
-        self._extend = redis.register_script(_script("extend"))
-        self._settle = redis.register_script(_script("settle"))
-        self._reap = redis.register_script(_script("reap"))
-        self._slot_take = redis.register_script(_script("slot_take"))
-        self._slot_free = redis.register_script(_script("slot_free"))
-        self._slot_touch = redis.register_script(_script("slot_touch"))
-        self._slot_preempt = redis.register_script(_script("slot_preempt"))
-        self._slot_preempted = redis.register_script(_script("slot_preempted"))
-        self._response_own = redis.register_script(_script("response_own"))
-        self._response_owner = redis.register_script(_script("response_owner"))
-
-    def _slots(self, windows: Sequence[Window], now: float) -> list[WindowSlot]:
-        return [slot_of(window, now) for window in windows]
+        self._reserve = redis.register_script(load_script("reserve"))
+        self._extend = redis.register_script(load_script("extend"))
+        self._settle = redis.register_script(load_script("settle"))
+        self._reap = redis.register_script(load_script("reap"))
+        self._slot_take = redis.register_script(load_script("slot_take"))
+        self._slot_free = redis.register_script(load_script("slot_free"))
+        self._slot_touch = redis.register_script(load_script("slot_touch"))
+        self._slot_preempt = redis.register_script(load_script("slot_preempt"))
+        self._slot_preempted = redis.register_script(load_script("slot_preempted"))
+        self._response_own = redis.register_script(load_script("response_own"))
+        self._response_owner = redis.register_script(load_script("response_owner"))
+        self._home_leave = redis.register_script(load_script("home_leave"))
+        self._home_enter = redis.register_script(load_script("home_enter"))
 
     async def _run(self, script, keys: list[str], args: list) -> object:  # type: ignore[no-untyped-def]
         try:
@@ -190,9 +215,8 @@ class Meter:
         """Hold `req.fixed` plus a completion grant in every window, or raise why not."""
         now = self.clock()
         now_ms = int(now * 1000)
-        keys = UserKeys(req.user_id)
-        windows = req.tier.caps.windows
-        slots = self._slots(windows, now)
+        keys = req.scope.keys
+        counters = counters_of(req.scope, now)
         rates = Rates.of(req.tier, req.model)
         record = {
             "u": req.user_id,
@@ -206,7 +230,7 @@ class Meter:
         }
         reply = await self._run(
             self._reserve,
-            keys.fixed() + [keys.window(s.name) for s in slots],
+            keys.fixed() + [c.key for c in counters],
             [
                 req.request_id,
                 now_ms,
@@ -216,14 +240,15 @@ class Meter:
                 req.want_max,
                 req.tier.max_concurrent or 0,
                 json.dumps(record, separators=(",", ":")),
-                *_window_args(slots),
+                req.prompt_bound * max(rates.prompt, rates.cached_prompt),
+                *_counter_args(counters),
             ],
         )
         assert isinstance(reply, list)
         if reply[0] == 1:
             return Reservation(
                 req.request_id,
-                req.user_id,
+                req.scope,
                 req.tier_name,
                 req.tier,
                 req.model,
@@ -234,9 +259,14 @@ class Meter:
         reason = decoded(reply[1])
         if reason == "concurrency":
             raise ConcurrencyExceeded(req.tier.max_concurrent or 0)
-        slot = slots[int(reply[2]) - 1]
+        if reason in ("moved", "moving"):
+            raise AccountMoving(reason)
+        counter = counters[int(reply[2]) - 1]
+        slot = counter.slot
         oldest = int(reply[4]) if reply[4] else None
-        raise CapExceeded(slot.name, slot.cap, int(reply[3]), slot.retry_after(now, oldest))
+        raise CapExceeded(
+            counter.label, slot.cap, int(reply[3]), slot.retry_after(now, oldest), counter.spend
+        )
 
     async def extend(
         self,
@@ -252,11 +282,11 @@ class Meter:
         observed so far and refresh the lease. With `want_max` 0 it only records and refreshes."""
         now = self.clock()
         now_ms = int(now * 1000)
-        keys = UserKeys(reservation.user_id)
-        slots = self._slots(reservation.tier.caps.windows, now)
+        keys = reservation.scope.keys
+        counters = counters_of(reservation.scope, now)
         reply = await self._run(
             self._extend,
-            [keys.res, keys.live] + [keys.window(s.name) for s in slots],
+            [keys.res, keys.live] + [c.key for c in counters],
             [
                 reservation.request_id,
                 now_ms,
@@ -266,26 +296,26 @@ class Meter:
                 prompt_tokens,
                 cached_tokens,
                 completion_tokens,
-                *_window_args(slots),
+                *_counter_args(counters),
             ],
         )
         assert isinstance(reply, list)
         granted, left = int(reply[0]), int(reply[1])
         return Extension(max(granted, 0), left, granted < 0)
 
-    async def settle(self, event: UsageEvent, windows: Sequence[Window]) -> str:
-        """Charge `event` once: 'ok', 'late' (after a reap; the difference was added) or
-        'duplicate' (already settled: nothing changed)."""
+    async def settle(self, event: UsageEvent, scope: Scope) -> str:
+        """Charge `event` once, in `scope`'s home: 'ok', 'late' (after a reap; the difference was
+        added) or 'duplicate' (already settled: nothing changed)."""
         now_ms = event.ts_ms
-        keys = UserKeys(event.user)
-        slots = self._slots(windows, now_ms / 1000)
+        keys = scope.keys
+        counters = counters_of(scope, now_ms / 1000)
         fields = event.ledger_fields()
         slot_args: list[int] = []
-        for slot in slots:
-            slot_args += [slot.current, slot.ttl_s]
+        for counter in counters:
+            slot_args += [counter.slot.current, counter.slot.ttl_s, int(counter.spend)]
         reply = await self._run(
             self._settle,
-            keys.fixed() + [keys.window(s.name) for s in slots],
+            keys.fixed() + [c.key for c in counters],
             [
                 event.request_id,
                 now_ms,
@@ -302,9 +332,8 @@ class Meter:
         )
         return decoded(reply)
 
-    async def reap_user(self, user_id: str) -> int:
-        """Reap one user's expired reservations; the number reaped."""
-        keys = UserKeys(user_id)
+    async def reap_user(self, keys: UserKeys) -> int:
+        """Reap one user's expired reservations in one home; the number reaped."""
         reply = await self._run(self._reap, keys.fixed(), [int(self.clock() * 1000)])
         return int(reply)  # type: ignore[arg-type]
 
@@ -317,10 +346,44 @@ class Meter:
                 name = decoded(key)
                 expired = await self.redis.zcount(name, "-inf", now_ms - 1)
                 if expired:
-                    reaped += await self.reap_user(user_of_key(name))
+                    reaped += await self.reap_user(user_keys_of(name))
         except (RedisError, OSError) as exc:
             raise MeterUnavailable(str(exc) or type(exc).__name__) from exc
         return reaped
+
+    def _own_counters(self, scope: Scope, now: float) -> dict[tuple[str, bool], Counter]:
+        return {(c.slot.name, c.spend): c for c in counters_of(scope, now) if not c.team}
+
+    async def start_move(self, new: Scope, enter_s: float = 10.0) -> None:
+        """First step of a user's move to `new`'s home (a team change): that home holds nothing
+        for them until `finish_move` (or for `enter_s` at most)."""
+        now = self.clock()
+        entering = self._own_counters(new, now)
+        keys = [new.keys.res, new.keys.totals, *(c.key for c in entering.values())]
+        args = [int(now * 1000) + int(enter_s * 1000), 1, *[0] * (1 + len(entering))]
+        await self._run(self._home_enter, keys, args)
+
+    async def finish_move(self, old: Scope, new: Scope) -> None:
+        """Move a user's own counters and totals from `old`'s home to `new`'s: the old home holds
+        nothing for them from now on, the new one takes what the old one counted (holds of
+        requests in flight included, whole) and starts holding again."""
+        now = self.clock()
+        leaving = list(self._own_counters(old, now).values())
+        entering = self._own_counters(new, now)
+        reply = await self._run(
+            self._home_leave, [old.keys.res, old.keys.totals, *(c.key for c in leaving)], [int(now * 1000)]
+        )
+        assert isinstance(reply, list)
+        contents: dict[str, list] = {new.keys.totals: reply[0]}
+        for counter, flat in zip(leaving, reply[1:], strict=True):
+            target = entering.get((counter.slot.name, counter.spend))
+            if target is not None:
+                contents[target.key] = flat
+        ttl = max((c.slot.ttl_s for c in entering.values()), default=1)
+        args: list[object] = [0, ttl]
+        for flat in contents.values():
+            args += [len(flat) // 2, *(decoded(v) for v in flat)]
+        await self._run(self._home_enter, [new.keys.res, *contents], args)
 
     async def take_slot(
         self,

@@ -3,12 +3,11 @@ and from the spool back to Redis once it answers again."""
 
 import asyncio
 import logging
-from collections.abc import Sequence
 
 from metering.events import UsageEvent
 from metering.meter import Meter, MeterRefused, MeterUnavailable
 from metering.spool import Spool, SpooledSettlement, read_items, rewrite
-from policies.schema import Window
+from metering.windows import Scope
 
 log = logging.getLogger("capgate.metering")
 
@@ -21,16 +20,16 @@ class Settler:
         self.spool = spool
         self._replay_lock = asyncio.Lock()
 
-    async def settle(self, event: UsageEvent, windows: Sequence[Window]) -> str:
+    async def settle(self, event: UsageEvent, scope: Scope) -> str:
         """'ok', 'late', 'duplicate', or 'spooled' when Redis did not take it (unreachable,
         an error reply, or any other failure: the event is kept whatever went wrong)."""
         try:
-            return await self.meter.settle(event, windows)
+            return await self.meter.settle(event, scope)
         except MeterUnavailable as exc:
             log.warning("redis unavailable (%s): usage of %s spooled", exc, event.request_id)
         except Exception as exc:
             log.error("settling %s failed (%r): usage spooled", event.request_id, exc, exc_info=exc)
-        await self.spool.append_async(SpooledSettlement(event, tuple(windows)))
+        await self.spool.append_async(SpooledSettlement(event, scope))
         return "spooled"
 
     async def replay(self) -> int:
@@ -44,7 +43,7 @@ class Settler:
                     refused: list[SpooledSettlement] = []
                     for done, item in enumerate(items):
                         try:
-                            await self.meter.settle(item.event, item.windows)
+                            await self.meter.settle(item.event, item.scope)
                         except MeterUnavailable:
                             rewrite(path, items[done:])
                             self._set_aside(refused)

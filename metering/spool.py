@@ -25,30 +25,41 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from metering.events import UsageEvent
+from metering.windows import Scope
 from policies.schema import Window
+
+
+def _windows(data: list[dict]) -> tuple[Window, ...]:
+    return tuple(Window.model_validate(w) for w in data)
 
 
 @dataclass(frozen=True, slots=True)
 class SpooledSettlement:
-    """A settlement waiting for Redis: the event and the windows it counts against."""
+    """A settlement waiting for Redis: the event and the scope (the user's home, their windows
+    and their team's) it counts against."""
 
     event: UsageEvent
-    windows: tuple[Window, ...]
+    scope: Scope
 
     def to_line(self) -> bytes:
+        scope = self.scope
         data = {
             "event": json.loads(self.event.to_json()),
-            "windows": [w.model_dump() for w in self.windows],
+            "windows": [w.model_dump(mode="json") for w in scope.windows],
+            "team": scope.team,
+            "team_windows": [w.model_dump(mode="json") for w in scope.team_windows],
         }
         return (json.dumps(data, separators=(",", ":")) + "\n").encode()
 
     @classmethod
     def from_line(cls, line: bytes) -> "SpooledSettlement":
+        """Read a line back (lines spooled before teams existed have no `team`)."""
         data = json.loads(line)
-        return cls(
-            UsageEvent(**data["event"]),
-            tuple(Window.model_validate(w) for w in data["windows"]),
+        event = UsageEvent(**data["event"])
+        scope = Scope(
+            event.user, _windows(data["windows"]), data.get("team"), _windows(data.get("team_windows", []))
         )
+        return cls(event, scope)
 
 
 class Spool:

@@ -8,52 +8,66 @@ import time
 from dataclasses import asdict, dataclass
 
 from metering.events import LEDGER_FIELDS
-from metering.keys import LEDGER_PATTERN, TOTALS_PATTERN, UserKeys, user_of_key
+from metering.keys import LEDGER_PATTERN, TOTALS_PATTERN, user_keys_of
 from metering.meter import RedisClient, decoded
-from metering.windows import slot_of
+from metering.windows import Counter, Scope, counters_of
+from policies.index import Principal
 from policies.money import nano_to_decimal
-from policies.schema import Tier
 
 
 @dataclass(frozen=True, slots=True)
 class WindowUsage:
-    """One window of a user: its cap, what is used or held in it, what is left, and when
-    tokens come back (seconds)."""
+    """One window of a user or their team: its cap, what is used or held in it, what is left, and
+    when it frees (seconds). Token windows count tokens; spend windows money, as decimal text."""
 
     window: str
-    cap: int
-    used: int
-    left: int
+    cap: int | str
+    used: int | str
+    left: int | str
     resets_in_s: int
 
 
-async def user_usage(redis: RedisClient, user_id: str, tier_name: str, tier: Tier, currency: str) -> dict:
-    """A user's windows, in-flight requests and totals, as a JSON-ready mapping."""
+async def _counter_usage(redis: RedisClient, counter: Counter, now: float) -> WindowUsage:
+    slot = counter.slot
+    fields = await redis.hgetall(counter.key)
+    live = {int(decoded(k)): int(decoded(v)) for k, v in fields.items() if int(decoded(k)) >= slot.lo}
+    used = sum(live.values())
+    oldest = min((k for k, v in live.items() if v > 0), default=None)
+    left = max(0, slot.cap - used)
+    resets = slot.retry_after(now, oldest)
+    if counter.spend:
+        cap, spent, rest = (str(nano_to_decimal(n)) for n in (slot.cap, used, left))
+        return WindowUsage(slot.name, cap, spent, rest, resets)
+    return WindowUsage(slot.name, slot.cap, used, left, resets)
+
+
+async def user_usage(redis: RedisClient, principal: Principal, currency: str) -> dict:
+    """A user's windows (tokens and spend) and their team's, in-flight requests and totals, as a
+    JSON-ready mapping."""
     now = time.time()
-    keys = UserKeys(user_id)
-    windows = []
-    for window in tier.caps.windows:
-        slot = slot_of(window, now)
-        fields = await redis.hgetall(keys.window(slot.name))
-        live = {int(decoded(k)): int(decoded(v)) for k, v in fields.items() if int(decoded(k)) >= slot.lo}
-        used = sum(live.values())
-        oldest = min((k for k, v in live.items() if v > 0), default=None)
-        windows.append(
-            WindowUsage(slot.name, slot.cap, used, max(0, slot.cap - used), slot.retry_after(now, oldest))
-        )
+    scope = Scope.of(principal)
+    keys = scope.keys
+    parts: dict[tuple[bool, bool], list[dict]] = {(t, s): [] for t in (False, True) for s in (False, True)}
+    for counter in counters_of(scope, now):
+        parts[(counter.team, counter.spend)].append(asdict(await _counter_usage(redis, counter, now)))
     totals = {decoded(k): int(decoded(v)) for k, v in (await redis.hgetall(keys.totals)).items()}
     in_flight = await redis.zcard(keys.live)
     overall = {k: v for k, v in totals.items() if not k.startswith("tier:")}
-    return {
-        "user": user_id,
-        "tier": tier_name,
-        "per_request_cap": tier.caps.per_request,
-        "windows": [asdict(w) for w in windows],
+    report = {
+        "user": principal.user_id,
+        "tier": principal.tier_name,
+        "per_request_cap": principal.tier.caps.per_request,
+        "windows": parts[(False, False)],
+        "spend": parts[(False, True)],
         "in_flight": in_flight,
         "totals": overall,
         "value": str(nano_to_decimal(overall.get("value_nano", 0))),
         "currency": currency,
+        "team": None,
     }
+    if principal.team is not None:
+        report["team"] = {"id": principal.team, "windows": parts[(True, False)], "spend": parts[(True, True)]}
+    return report
 
 
 async def tier_totals(redis: RedisClient) -> dict[str, dict[str, int]]:
@@ -79,7 +93,7 @@ async def ledger_events(redis: RedisClient, since_ms: int = 0, until_ms: int | N
         for entry_id, fields in await redis.xrange(name, min=str(since_ms), max=end):
             event = {decoded(k): decoded(v) for k, v in fields.items()}
             event["entry_id"] = decoded(entry_id)
-            event.setdefault("user", user_of_key(name))
+            event.setdefault("user", user_keys_of(name).user_id)
             events.append(event)
     events.sort(key=lambda e: (int(e["entry_id"].split("-")[0]), e["entry_id"]))
     return events

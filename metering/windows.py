@@ -1,13 +1,17 @@
-"""Window arithmetic (pure): which slot of a window's hash a moment falls in, and when it frees.
+"""Window arithmetic (pure): which slot of a window's hash a moment falls in, when it frees, and
+which counters (user's and team's, tokens and spend) a request of a scope counts against.
 
 Calendar windows use the UTC period's index as their one live slot (minutes, hours and days
 since the epoch; ISO weeks since the epoch's week; months as year * 12 + month - 1). Rolling
 windows split their length into 60 buckets and count the last 60.
 """
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from metering.keys import UserKeys, team_window_key
+from policies.index import Principal
 from policies.schema import Window
 
 ROLLING_BUCKETS = 60
@@ -40,16 +44,16 @@ def _month_index(moment: datetime) -> int:
     return moment.year * 12 + moment.month - 1
 
 
-def slot_of(window: Window, now: float) -> WindowSlot:
-    """The slot `now` (seconds since the epoch, UTC) falls in for `window`."""
+def slot_of(window: Window, now: float, spend: bool = False) -> WindowSlot:
+    """The slot `now` (seconds since the epoch, UTC) falls in for `window`; its cap is the
+    window's tokens, or with `spend` its money in nano-units."""
+    cap = _cap(window, spend)
     length = _LENGTH_S[window.per]
     ttl = 2 * length + 60
     if window.mode == "rolling":
         bucket = length / ROLLING_BUCKETS
         current = int(now // bucket)
-        return WindowSlot(
-            window.name, window.tokens, current, current - ROLLING_BUCKETS + 1, ttl, None, bucket
-        )
+        return WindowSlot(window.name, cap, current, current - ROLLING_BUCKETS + 1, ttl, None, bucket)
     if window.per == "month":
         moment = datetime.fromtimestamp(now, UTC)
         current = _month_index(moment)
@@ -62,4 +66,76 @@ def slot_of(window: Window, now: float) -> WindowSlot:
     else:
         current = int(now // length)
         resets = (current + 1) * float(length)
-    return WindowSlot(window.name, window.tokens, current, current, ttl, resets, None)
+    return WindowSlot(window.name, cap, current, current, ttl, resets, None)
+
+
+def _cap(window: Window, spend: bool) -> int:
+    if spend:
+        assert window.spend is not None
+        return window.spend.nano
+    assert window.tokens is not None
+    return window.tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Whose windows a request counts against: a user's (in their team's hash slot when they
+    are in a team) and their team's."""
+
+    user_id: str
+    windows: tuple[Window, ...] = ()
+    team: str | None = None
+    team_windows: tuple[Window, ...] = ()
+
+    @classmethod
+    def of(cls, principal: Principal) -> "Scope":
+        """The scope of a principal's requests: their tier's windows and their team's."""
+        windows = tuple(principal.tier.caps.windows)
+        return cls(principal.user_id, windows, principal.team, principal.team_windows)
+
+    @property
+    def keys(self) -> UserKeys:
+        return UserKeys(self.user_id, self.team)
+
+    @property
+    def spends(self) -> bool:
+        """Whether any of the scope's windows caps money."""
+        return any(w.spend is not None for w in (*self.windows, *self.team_windows))
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    """One capped quantity a request counts against: a window's tokens or its spend (nano-units),
+    the user's or their team's."""
+
+    key: str
+    slot: WindowSlot
+    spend: bool
+    team: bool
+
+    @property
+    def label(self) -> str:
+        """How an error or a usage report names it: `day`, `team day`."""
+        return f"team {self.slot.name}" if self.team else self.slot.name
+
+
+def _window_counters(
+    windows: Sequence[Window], now: float, key_of: Callable[[str, bool], str], team: bool
+) -> list[Counter]:
+    counters = []
+    for window in windows:
+        for spend in (False, True):
+            if (window.spend if spend else window.tokens) is not None:
+                counters.append(Counter(key_of(window.name, spend), slot_of(window, now, spend), spend, team))
+    return counters
+
+
+def counters_of(scope: Scope, now: float) -> list[Counter]:
+    """Every counter of `scope` at `now`: the user's windows, then the team's."""
+    counters = _window_counters(scope.windows, now, scope.keys.window, False)
+    if scope.team is not None:
+        team = scope.team
+        counters += _window_counters(
+            scope.team_windows, now, lambda name, spend: team_window_key(team, name, spend), True
+        )
+    return counters

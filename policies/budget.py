@@ -21,8 +21,9 @@ class BudgetPlan:
     is the most completion tokens the request may ever get, from the client's own limit, the
     tier's per-request cap and the model's room. `first` is the completion allowance reserved
     up front: all of `ceiling`, or one lease of it. `want_min` is the least grant worth serving.
-    When completions do not count against caps, nothing is reserved for them. `prompt_bound`
-    is the prompt's bound whether or not it is reserved.
+    When completions count against no cap (no token cap counts them, no spend cap applies),
+    nothing is reserved for them. `prompt_bound` is the prompt's bound whether or not it counts
+    against token caps (spend caps hold it at its price).
     """
 
     fixed: int
@@ -42,12 +43,15 @@ def plan_budget(
     outputs: int,
     streaming: bool,
     generates: bool = True,
+    spends: bool = False,
 ) -> BudgetPlan:
     """Plan the reservation of a request with `outputs` sequences (n x prompts).
 
     `asked` is the client's max_tokens (None when absent), `room` the model context left for a
     completion. Leases apply to streams only: a non-streamed response cannot be cut mid-way.
-    A request that `generates` nothing (an embedding) reserves its prompt only.
+    A request that `generates` nothing (an embedding) reserves its prompt only. `spends`: a
+    spend cap applies, so the completion is reserved (at its price) whether or not it counts
+    against token caps.
     Every number of the plan is at least 0 (a negative one would lend budget to other requests):
     `asked`, `room` and `outputs` below 1, or a negative `prompt_bound`, are a caller's bug.
     """
@@ -66,7 +70,7 @@ def plan_budget(
     ceiling = per_output * outputs
     if per_request is not None and tier.counts("completion"):
         ceiling = min(ceiling, per_request - fixed)
-    if not tier.counts("completion"):
+    if not (tier.counts("completion") or spends):
         return BudgetPlan(fixed, ceiling, 0, 0, False, prompt_bound)
     if ceiling < outputs:
         raise OutputsOverCap(

@@ -6,10 +6,11 @@ setting. Cross-references (a user's tier, duplicate key hashes, one currency) ar
 """
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -18,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from policies.money import parse_amount, parse_token_price
+from policies.money import NANO, parse_amount, parse_token_price
 
 Period = Literal["minute", "hour", "day", "week", "month"]
 TokenType = Literal["prompt", "completion"]
@@ -56,36 +57,75 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Amount(BaseModel):
+    """A sum of money, kept exactly as nano-units of `currency`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    text: str
+    nano: int
+    currency: str
+
+
+def _read_amount(value: object) -> object:
+    if isinstance(value, Amount):
+        return value
+    amount, currency = parse_amount(value)
+    nano = amount * NANO
+    if nano != nano.to_integral_value():
+        raise ValueError(f"amount {value!r} is finer than one nano-{currency}")
+    return {"text": value, "nano": int(nano), "currency": currency}
+
+
+Money = Annotated[
+    Amount,
+    BeforeValidator(_read_amount),
+    PlainSerializer(lambda amount: amount.text, return_type=str),
+]
+
+
 class Window(_Strict):
-    """A cap over a window of time.
+    """A cap over a window of time: of `tokens`, of `spend` (money, at the request's prices), or
+    both.
 
     `calendar` windows reset at UTC boundaries (the minute, hour, day, ISO week, month);
     `rolling` windows count the last minute/hour/day/week/30 days in 60 buckets.
     """
 
     per: Period
-    tokens: Annotated[int, Field(ge=0)]
+    tokens: Annotated[int, Field(ge=0)] | None = None
+    spend: Money | None = None
     mode: Literal["calendar", "rolling"] = "calendar"
+
+    @model_validator(mode="after")
+    def _caps_something(self) -> "Window":
+        if self.tokens is None and self.spend is None:
+            raise ValueError("a window caps `tokens`, `spend` or both")
+        return self
 
     @property
     def name(self) -> str:
         return self.per if self.mode == "calendar" else f"rolling-{self.per}"
 
 
+def distinct_windows(windows: list[Window]) -> list[Window]:
+    """`windows`, or a ValueError naming a window capped twice."""
+    names = [window.name for window in windows]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"window {name!r} is capped twice")
+    return windows
+
+
+Windows = Annotated[list[Window], AfterValidator(distinct_windows)]
+
+
 class Caps(_Strict):
     """Token caps: per request and per window. `count` says which token types the caps count."""
 
     per_request: Annotated[int, Field(gt=0)] | None = None
-    windows: list[Window] = []
+    windows: Windows = []
     count: list[TokenType] = ["prompt", "completion"]
-
-    @model_validator(mode="after")
-    def _distinct_windows(self) -> "Caps":
-        names = [window.name for window in self.windows]
-        for name in names:
-            if names.count(name) > 1:
-                raise ValueError(f"window {name!r} is capped twice")
-        return self
 
 
 class ModelPrices(_Strict):
@@ -158,11 +198,28 @@ class Tier(_Strict):
         return token_type in self.caps.count
 
 
-class User(_Strict):
-    """A user: an id, a tier (or the policy's default tier) and API keys as SHA-256 hashes."""
+class Team(_Strict):
+    """A team: windows its members share, from a tier's caps or its own `windows` (not both).
+    A team window counts what each member's tier counts."""
 
     id: Annotated[str, Field(pattern=NAME.pattern)]
     tier: str | None = None
+    windows: Windows | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Team":
+        if self.tier is not None and self.windows is not None:
+            raise ValueError("a team takes its windows from `tier` or `windows`, not both")
+        return self
+
+
+class User(_Strict):
+    """A user: an id, a tier (or the policy's default tier), a team, and API keys as SHA-256
+    hashes."""
+
+    id: Annotated[str, Field(pattern=NAME.pattern)]
+    tier: str | None = None
+    team: str | None = None
     keys: list[Annotated[str, Field(pattern=KEY_HASH.pattern)]] = []
 
 
@@ -172,15 +229,38 @@ class Policy(_Strict):
     default_tier: str | None = None
     admin_keys: list[Annotated[str, Field(pattern=KEY_HASH.pattern)]] = []
     tiers: dict[Annotated[str, Field(pattern=NAME.pattern)], Tier]
+    teams: list[Team] = []
     users: list[User] = []
 
     @property
     def currency(self) -> str:
-        """The one currency of all prices (USD when no price is set)."""
-        for tier in self.tiers.values():
-            for price in tier.prices.defined():
-                return price.currency
+        """The one currency of all prices and spend caps (USD when none is set)."""
+        for currency in _currencies(self):
+            return currency
         return "USD"
+
+
+def _currencies(policy: Policy) -> Iterator[str]:
+    for tier in policy.tiers.values():
+        for price in tier.prices.defined():
+            yield price.currency
+        for window in tier.caps.windows:
+            if window.spend is not None:
+                yield window.spend.currency
+    for team in policy.teams:
+        for window in team.windows or []:
+            if window.spend is not None:
+                yield window.spend.currency
+
+
+def team_windows(
+    tier: str | None, windows: Sequence[Window] | None, tiers: dict[str, Tier]
+) -> tuple[Window, ...]:
+    """A team's windows: its own `windows`, or those of its `tier` (none when neither is set);
+    a KeyError when the tier is not in `tiers`."""
+    if windows is not None:
+        return tuple(windows)
+    return () if tier is None else tuple(tiers[tier].caps.windows)
 
 
 Problem = tuple[tuple[str | int, ...], str]
@@ -191,6 +271,13 @@ def reference_problems(policy: Policy) -> list[Problem]:
     problems: list[Problem] = []
     if policy.default_tier is not None and policy.default_tier not in policy.tiers:
         problems.append((("default_tier",), f"unknown tier {policy.default_tier!r}"))
+    seen_teams: set[str] = set()
+    for i, team in enumerate(policy.teams):
+        if team.id in seen_teams:
+            problems.append((("teams", i, "id"), f"duplicate team id {team.id!r}"))
+        seen_teams.add(team.id)
+        if team.tier is not None and team.tier not in policy.tiers:
+            problems.append((("teams", i, "tier"), f"unknown tier {team.tier!r}"))
     seen_users: set[str] = set()
     seen_keys: dict[str, tuple[str | int, ...]] = {
         key: ("admin_keys", i) for i, key in enumerate(policy.admin_keys)
@@ -203,6 +290,8 @@ def reference_problems(policy: Policy) -> list[Problem]:
             problems.append((("users", i, "tier"), "no tier and no default_tier"))
         elif user.tier is not None and user.tier not in policy.tiers:
             problems.append((("users", i, "tier"), f"unknown tier {user.tier!r}"))
+        if user.team is not None and user.team not in seen_teams:
+            problems.append((("users", i, "team"), f"unknown team {user.team!r}"))
         for j, key in enumerate(user.keys):
             where: tuple[str | int, ...] = ("users", i, "keys", j)
             if key in seen_keys:
@@ -214,7 +303,7 @@ def reference_problems(policy: Policy) -> list[Problem]:
             if not tier.allows_model(model):
                 where = ("tiers", name, "prices", "models", model)
                 problems.append((where, f"a price for model {model!r}, which the tier may not use"))
-    currencies = sorted({price.currency for tier in policy.tiers.values() for price in tier.prices.defined()})
+    currencies = sorted(set(_currencies(policy)))
     if len(currencies) > 1:
-        problems.append((("tiers",), f"prices mix currencies {currencies}"))
+        problems.append((("tiers",), f"prices mix currencies {currencies} (spend caps included)"))
     return problems

@@ -13,17 +13,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from metering import pipeline
+from metering.accounts import AccountStore
 from metering.meter import Meter, MeterUnavailable, RedisClient
 from metering.pipeline import ScriptConnection
 from metering.settler import Settler
 from metering.spool import Spool
-from metering.usage import export_text, ledger_events, tier_totals, user_usage
+from metering.usage import user_usage
 from proxy import background, metrics
+from proxy.admin.api_router import admin_routes
+from proxy.admin.serving import AccountService
 from proxy.admission import Admission
 from proxy.anthropic.api_router import anthropic_routes
-from proxy.errors import APIError, route_error, unauthorized
+from proxy.directory import Directory
+from proxy.errors import APIError, route_error
 from proxy.gateway import Gateway
-from proxy.inbound import bearer_key
 from proxy.openai.api_router import openai_routes
 from proxy.policy_store import PolicyStore
 from proxy.responses.api_router import responses_routes
@@ -57,6 +60,15 @@ def script_connection(settings: Settings) -> ScriptConnection | None:
     return ScriptConnection(settings.redis_url, settings.timeouts.redis_s, settings.redis_max_in_flight)
 
 
+async def _sync_accounts(directory: Directory) -> None:
+    """Read the accounts' changes (a Redis outage is logged by the requests it fails)."""
+    try:
+        await directory.sync()
+    except MeterUnavailable as exc:
+        metrics.REDIS_ERRORS.labels(operation="account_sync").inc()
+        log.debug("account changes not read: redis unavailable (%s)", exc)
+
+
 async def _housekeeping(gateway: Gateway) -> None:
     """Reap expired reservations and replay the spool."""
     try:
@@ -85,8 +97,11 @@ def create_app(settings: Settings) -> FastAPI:
         meter = Meter(redis, lease_ttl_s=settings.lease_ttl_s, scripts=scripts)
         settler = Settler(meter, Spool(settings.spool_dir, settings.spool_max_bytes))
         admission = Admission(settings.admission, pool, meter)
-        gateway = Gateway(settings, policies, pool, meter, settler, admission)
+        store = AccountStore(redis)
+        directory = Directory(store, lambda: policies.index, settings.accounts)
+        gateway = Gateway(settings, policies, pool, meter, settler, admission, directory)
         app.state.gateway = gateway
+        app.state.accounts = AccountService(store, meter, lambda: policies.index)
         await pool.start()
         admission.start()
         policies.start()
@@ -95,6 +110,12 @@ def create_app(settings: Settings) -> FastAPI:
             background.start("lease_refresh", settings.lease_ttl_s / 3, gateway.refresh),
             background.start("preemptions", settings.admission.release_interval_s, gateway.end_preempted),
             background.start("redis_heartbeat", HEARTBEAT_S, meter.heartbeat),
+            background.start(
+                "account_sync", settings.accounts.sync_interval_s, lambda: _sync_accounts(directory)
+            ),
+            background.start(
+                "key_last_used", settings.accounts.last_used_interval_s, directory.flush_last_used
+            ),
         ]
         try:
             yield
@@ -126,13 +147,14 @@ def create_app(settings: Settings) -> FastAPI:
     app.router.routes.extend(openai_routes(gateway_of))
     app.router.routes.extend(anthropic_routes(gateway_of))
     app.router.routes.extend(responses_routes(gateway_of))
+    app.router.routes.extend(admin_routes(gateway_of, lambda request: request.app.state.accounts))
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         """The models of every healthy upstream the caller's tier may use, with vLLM's cards
         (as last polled)."""
         gateway = gateway_of(request)
-        principal = gateway.principal(request)
+        principal = await gateway.principal(request)
         cards = [card for card in gateway.pool.model_cards() if principal.tier.allows_model(card["id"])]
         return JSONResponse({"object": "list", "data": cards})
 
@@ -169,47 +191,9 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/v1/usage")
     async def own_usage(request: Request) -> dict:
         gateway = gateway_of(request)
-        principal = gateway.principal(request)
+        principal = await gateway.principal(request)
         policy = gateway.policies.index.policy
-        return await user_usage(
-            gateway.meter.redis, principal.user_id, principal.tier_name, principal.tier, policy.currency
-        )
-
-    def require_admin(request: Request) -> Gateway:
-        gateway = gateway_of(request)
-        if not gateway.policies.index.is_admin_key(bearer_key(request)):
-            raise unauthorized("this endpoint needs an admin key")
-        return gateway
-
-    @app.get("/admin/users/{user_id}/usage")
-    async def admin_usage(request: Request, user_id: str) -> dict:
-        gateway = require_admin(request)
-        principal = gateway.policies.index.principal_for_user(user_id)
-        if principal is None:
-            raise APIError(404, f"no user {user_id!r} in the policy", code="user_not_found")
-        policy = gateway.policies.index.policy
-        return await user_usage(
-            gateway.meter.redis, user_id, principal.tier_name, principal.tier, policy.currency
-        )
-
-    @app.get("/admin/tiers")
-    async def admin_tiers(request: Request) -> dict:
-        gateway = require_admin(request)
-        return {
-            "currency": gateway.policies.index.policy.currency,
-            "tiers": await tier_totals(gateway.meter.redis),
-        }
-
-    @app.get("/admin/ledger")
-    async def admin_ledger(
-        request: Request, format: str = "jsonl", since_ms: int = 0, until_ms: int | None = None
-    ) -> Response:
-        gateway = require_admin(request)
-        if format not in ("jsonl", "csv"):
-            raise APIError(400, "format must be 'jsonl' or 'csv'", param="format")
-        events = await ledger_events(gateway.meter.redis, since_ms, until_ms)
-        media = "text/csv" if format == "csv" else "application/x-ndjson"
-        return Response(export_text(events, format), media_type=media)
+        return await user_usage(gateway.meter.redis, principal, policy.currency)
 
     return app
 

@@ -1,4 +1,4 @@
-"""The `capgate` command: serve, check-config, keys new, usage, export, optimize."""
+"""The `capgate` command: serve, check-config, users, keys, teams, usage, export, optimize."""
 
 import argparse
 import asyncio
@@ -6,12 +6,18 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from policies.keys import hash_key, mint_key
 from policies.loader import ConfigError
 from proxy.policy_store import read_policy
 from proxy.settings import load_settings
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -58,9 +64,9 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _keys_new(args: argparse.Namespace) -> int:
+def _policy_key(user: str) -> int:
     key = mint_key()
-    print(f"API key for {args.user} (shown once, store it now): {key}")
+    print(f"API key for {user} (shown once, store it now): {key}")
     print("Add this line under the user's `keys:` in the policy file:")
     print(f'      - "{hash_key(key)}"')
     return 0
@@ -75,26 +81,100 @@ def _redis(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return settings, redis_client(settings)
 
 
-def _usage(args: argparse.Namespace) -> int:
-    from metering.usage import user_usage
+def _accounts(args: argparse.Namespace, operation: Callable[[Any], Awaitable[dict]]) -> int:
+    """Run one account operation against Redis (the server's settings) and print its answer."""
+    from metering.accounts import AccountStore
+    from metering.meter import Meter
+    from proxy.admin.serving import AccountService, answered
+    from proxy.errors import APIError
 
     settings, redis = _redis(args)
     index = read_policy(Path(settings.policy_file))
-    principal = index.principal_for_user(args.user)
-    if principal is None:
-        print(f"capgate: no user {args.user!r} in {settings.policy_file}", file=sys.stderr)
-        return 1
+    service = AccountService(AccountStore(redis), Meter(redis), lambda: index)
 
     async def run() -> dict:
         try:
-            return await user_usage(
-                redis, args.user, principal.tier_name, principal.tier, index.policy.currency
-            )
+            return await answered(operation(service))
         finally:
             await redis.aclose()
 
-    print(json.dumps(asyncio.run(run()), indent=2))
+    try:
+        answer = asyncio.run(run())
+    except APIError as error:
+        print(f"capgate: {error.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer, indent=2))
     return 0
+
+
+def _body(model: type[M], **fields: object) -> M:
+    from proxy.admin.protocol import parse_body
+
+    data = {name: value for name, value in fields.items() if value is not None}
+    return parse_body(model, json.dumps(data).encode())
+
+
+def _users(args: argparse.Namespace) -> int:
+    from proxy.admin.protocol import CreateUser, UpdateUser
+
+    command = args.users_command
+    if command == "add":
+        body = _body(CreateUser, id=args.user, tier=args.tier, team=args.team)
+        return _accounts(args, lambda s: s.create_user(body))
+    if command == "set":
+        fields = {"tier": args.tier, "team": None if args.no_team else args.team}
+        present = {k: v for k, v in fields.items() if v is not None or (k == "team" and args.no_team)}
+        update = UpdateUser.model_validate(present)
+        return _accounts(args, lambda s: s.update_user(args.user, update))
+    if command == "list":
+        return _accounts(args, lambda s: s.list_users(args.after, args.limit))
+    if command == "show":
+        return _accounts(args, lambda s: s.get_user(args.user))
+    return _accounts(args, lambda s: s.delete_user(args.user))
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from proxy.admin.protocol import CreateKey
+
+    command = args.keys_command
+    if command == "new":
+        if args.policy_file:
+            return _policy_key(args.user)
+        body = _body(CreateKey, name=args.name, expires_at=args.expires_at)
+        return _accounts(args, lambda s: s.create_key(args.user, body))
+    if command == "list":
+        return _accounts(args, lambda s: s.list_keys(args.user))
+    return _accounts(args, lambda s: s.revoke_key(args.key_id))
+
+
+def _teams(args: argparse.Namespace) -> int:
+    from proxy.admin.protocol import CreateTeam
+
+    command = args.teams_command
+    if command == "add":
+        windows = None if args.windows is None else json.loads(args.windows)
+        body = _body(CreateTeam, id=args.team, tier=args.tier, windows=windows)
+        return _accounts(args, lambda s: s.create_team(body))
+    if command == "list":
+        return _accounts(args, lambda s: s.list_teams(args.after, args.limit))
+    if command == "show":
+        return _accounts(args, lambda s: s.get_team(args.team))
+    return _accounts(args, lambda s: s.delete_team(args.team))
+
+
+def _usage(args: argparse.Namespace) -> int:
+    from metering.usage import user_usage
+    from proxy.directory import Directory
+    from proxy.errors import APIError
+    from proxy.settings import Accounts
+
+    async def report(service: Any) -> dict:
+        principal = await Directory(service.store, service.index, Accounts()).principal_for_user(args.user)
+        if principal is None:
+            raise APIError(404, f"no user {args.user!r}")
+        return await user_usage(service.store.redis, principal, service.index().policy.currency)
+
+    return _accounts(args, report)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -149,6 +229,16 @@ def _optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_config(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    command.add_argument("--config", help="settings YAML (default: $CAPGATE_CONFIG, then defaults)")
+    return command
+
+
+def _paged(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--after", help="list from after this id")
+    command.add_argument("--limit", type=int, default=100)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="capgate", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -164,11 +254,54 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     check.set_defaults(run=_check_config)
 
+    users = commands.add_parser("users", help="user accounts (in Redis)")
+    user_commands = users.add_subparsers(dest="users_command", required=True)
+    add = _with_config(user_commands.add_parser("add", help="create a user"))
+    add.add_argument("user")
+    add.add_argument("--tier", help="default: the policy's default_tier")
+    add.add_argument("--team")
+    change = _with_config(user_commands.add_parser("set", help="change a user's tier or team"))
+    change.add_argument("user")
+    change.add_argument("--tier")
+    team_choice = change.add_mutually_exclusive_group()
+    team_choice.add_argument("--team")
+    team_choice.add_argument("--no-team", action="store_true", help="take the user out of their team")
+    for name, what in (("show", "show a user"), ("rm", "delete a user and their keys")):
+        one = _with_config(user_commands.add_parser(name, help=what))
+        one.add_argument("user")
+    _paged(_with_config(user_commands.add_parser("list", help="list users")))
+    users.set_defaults(run=_users)
+
     keys = commands.add_parser("keys", help="API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
-    new = key_commands.add_parser("new", help="mint a key for a user")
+    new = _with_config(key_commands.add_parser("new", help="mint a key for a user (shown once)"))
     new.add_argument("user")
-    new.set_defaults(run=_keys_new)
+    new.add_argument("--name", help="a label for the key")
+    new.add_argument("--expires-at", help="Unix seconds or ISO 8601 with a time zone")
+    new.add_argument(
+        "--policy-file",
+        action="store_true",
+        help="for a user of the policy file: print the key and the hash line to paste there",
+    )
+    listed = _with_config(key_commands.add_parser("list", help="a user's keys (never the keys)"))
+    listed.add_argument("user")
+    revoke = _with_config(key_commands.add_parser("revoke", help="revoke a key by its id"))
+    revoke.add_argument("key_id")
+    keys.set_defaults(run=_keys)
+
+    teams = commands.add_parser("teams", help="team accounts (in Redis)")
+    team_commands = teams.add_subparsers(dest="teams_command", required=True)
+    add_team = _with_config(team_commands.add_parser("add", help="create a team"))
+    add_team.add_argument("team")
+    add_team.add_argument("--tier", help="take the windows of this tier's caps")
+    add_team.add_argument(
+        "--windows", help='its own windows, as JSON: \'[{"per": "day", "tokens": 100000}]\''
+    )
+    for name, what in (("show", "show a team"), ("rm", "delete a team (it must have no members)")):
+        one = _with_config(team_commands.add_parser(name, help=what))
+        one.add_argument("team")
+    _paged(_with_config(team_commands.add_parser("list", help="list teams")))
+    teams.set_defaults(run=_teams)
 
     usage = commands.add_parser("usage", help="a user's budget left, usage and value")
     usage.add_argument("user")

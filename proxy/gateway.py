@@ -20,6 +20,7 @@ from starlette.responses import Response
 from metering.events import UsageEvent
 from metering.lease import StreamBudget
 from metering.meter import (
+    AccountMoving,
     CapExceeded,
     ConcurrencyExceeded,
     Meter,
@@ -29,11 +30,14 @@ from metering.meter import (
 )
 from metering.prompt import TemplateOverhead
 from metering.settler import Settler
+from metering.windows import Scope
 from policies.budget import BudgetPlan, OutputsOverCap, PromptOverCap, plan_budget
 from policies.index import Principal
+from policies.money import nano_to_decimal
 from proxy import metrics
 from proxy.admission import Admission
 from proxy.dialect import Dialect
+from proxy.directory import AccountUnusable, Directory
 from proxy.errors import APIError, rate_limited, unauthorized
 from proxy.flight import Flight, Outcome, outcome_of, usage_event
 from proxy.generation import GenerationRequest
@@ -48,6 +52,12 @@ log = logging.getLogger("capgate.gateway")
 
 def _no_upstream() -> APIError:
     return APIError(502, "no healthy upstream serves this model", type="upstream_error")
+
+
+def _meter_unavailable(message: str) -> APIError:
+    return APIError(
+        503, message, type="service_unavailable", code="meter_unavailable", headers={"Retry-After": "1"}
+    )
 
 
 def _prompt_param(request: GenerationRequest) -> str:
@@ -68,9 +78,11 @@ class Gateway:
         meter: Meter,
         settler: Settler,
         admission: Admission,
+        directory: Directory,
     ) -> None:
         self.settings = settings
         self.policies = policies
+        self.directory = directory
         self.pool = pool
         self.meter = meter
         self.settler = settler
@@ -80,9 +92,17 @@ class Gateway:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._preempting: set[asyncio.Task[bool]] = set()
 
-    def principal(self, request: Request, key_header: str | None = None) -> Principal:
-        """The caller, from their API key (bearer, or `key_header` when sent), or a 401."""
-        found = self.policies.index.principal_for_key(api_key(request, key_header))
+    async def principal(self, request: Request, key_header: str | None = None) -> Principal:
+        """The caller, from their API key (bearer, or `key_header` when sent): a 401 for an unknown
+        or expired key, a 403 for an account the policy cannot serve, a 503 when the key must be
+        looked up in Redis and Redis cannot answer."""
+        try:
+            found = await self.directory.principal_for_key(api_key(request, key_header))
+        except MeterUnavailable as exc:
+            metrics.REDIS_ERRORS.labels(operation="account").inc()
+            raise _meter_unavailable("accounts are unavailable: the API key cannot be checked") from exc
+        except AccountUnusable as exc:
+            raise APIError(403, str(exc), type="permission_error", code="account_unusable") from exc
         if found is None:
             raise unauthorized("unknown API key")
         return found
@@ -144,7 +164,7 @@ class Gateway:
 
     async def _open(self, request: Request, dialect: Dialect, started: float) -> tuple[Flight, StreamBudget]:
         """Authenticate, validate, plan, admit and reserve: a flight holding its budget."""
-        principal = self.principal(request, dialect.key_header)
+        principal = await self.principal(request, dialect.key_header)
         generation = dialect.parse(await read_body(request, self.settings.max_body_bytes))
         model = generation.model
         tier = principal.tier
@@ -239,6 +259,7 @@ class Gateway:
                 outputs=request.outputs,
                 streaming=request.stream and dialect.leases,
                 generates=dialect.generates,
+                spends=Scope.of(principal).spends,
             )
         except PromptOverCap as exc:
             raise APIError(400, str(exc), param=_prompt_param(request), code="prompt_over_cap") from exc
@@ -249,15 +270,17 @@ class Gateway:
         """Reserve in Redis; when Redis fails, follow the tier's fail mode."""
         principal, plan = flight.principal, flight.plan
         tier = principal.tier
+        scope = Scope.of(principal)
         request = ReserveRequest(
             flight.request_id,
-            principal.user_id,
+            scope,
             principal.tier_name,
             tier,
             flight.model,
             plan.fixed,
             plan.want_min,
             plan.first,
+            plan.prompt_bound,
         )
         began = time.perf_counter()
         try:
@@ -267,11 +290,18 @@ class Gateway:
             metrics.REQUESTS.labels(
                 principal.tier_name, flight.model, flight.request.api, "cap_exceeded"
             ).inc()
-            raise rate_limited(
-                f"token cap reached for window '{exc.window}': {exc.used} of {exc.cap} tokens used",
-                "cap_exceeded",
-                exc.retry_after,
-            ) from exc
+            if exc.spend:
+                currency = self.policies.index.policy.currency
+                message = (
+                    f"spend cap reached for window '{exc.window}': {nano_to_decimal(exc.used)} of "
+                    f"{nano_to_decimal(exc.cap)} {currency} spent or held"
+                )
+            else:
+                message = f"token cap reached for window '{exc.window}': {exc.used} of {exc.cap} tokens used"
+            raise rate_limited(message, "cap_exceeded", exc.retry_after) from exc
+        except AccountMoving as exc:
+            self.directory.forget("user", principal.user_id)
+            raise _meter_unavailable("the account is moving between teams; retry in a moment") from exc
         except ConcurrencyExceeded as exc:
             metrics.REQUESTS.labels(
                 principal.tier_name, flight.model, flight.request.api, "concurrency_limited"
@@ -285,12 +315,8 @@ class Gateway:
                 metrics.REQUESTS.labels(
                     principal.tier_name, flight.model, flight.request.api, "meter_unavailable"
                 ).inc()
-                raise APIError(
-                    503,
-                    "metering is unavailable; this tier is not served without it",
-                    type="service_unavailable",
-                    code="meter_unavailable",
-                    headers={"Retry-After": "1"},
+                raise _meter_unavailable(
+                    "metering is unavailable; this tier is not served without it"
                 ) from exc
             log.warning("request %s served fail-open: redis unavailable (%s)", flight.request_id, exc)
             return self._fail_open(flight)
@@ -307,7 +333,7 @@ class Gateway:
             limit=reservation.granted,
             ceiling=ceiling if plan.leased else reservation.granted,
             lease=tier.lease_tokens if plan.leased else None,
-            counts_completion=tier.counts("completion"),
+            counts_completion=tier.counts("completion") or scope.spends,
             fail_open=tier.fail_mode == "open",
         )
 
@@ -335,7 +361,7 @@ class Gateway:
             limit=flight.plan.ceiling,
             ceiling=flight.plan.ceiling,
             lease=None,
-            counts_completion=principal.tier.counts("completion"),
+            counts_completion=principal.tier.counts("completion") or Scope.of(principal).spends,
         )
 
     async def _finish(self, flight: Flight, budget: StreamBudget | None) -> None:
@@ -358,7 +384,7 @@ class Gateway:
         event = usage_event(flight, outcome, now, int(time.time() * 1000))
         tier = flight.principal.tier
         began = time.perf_counter()
-        await self.settler.settle(event, tier.caps.windows)
+        await self.settler.settle(event, Scope.of(flight.principal))
         metrics.REDIS_LATENCY.labels(operation="settle").observe(time.perf_counter() - began)
         if flight.reservation is not None:
             metrics.RESERVATIONS.dec()

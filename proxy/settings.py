@@ -79,6 +79,17 @@ class Admission(_Section):
     local_count_after_s: Annotated[float, Field(ge=0)] = 1.0
 
 
+class Accounts(_Section):
+    """Accounts created through the admin API, kept in Redis and cached by each process."""
+
+    # Records cached per kind (keys, users, teams); unknown ones are cached apart, a tenth of it.
+    cache_size: Annotated[int, Field(gt=0)] = 100_000
+    # How often each process reads the accounts' changes: a revoked key is refused within this.
+    sync_interval_s: Annotated[float, Field(gt=0, le=1)] = 0.25
+    # How often the time each key was last used is written to Redis.
+    last_used_interval_s: Annotated[float, Field(gt=0)] = 10.0
+
+
 class Settings(_Section):
     """Everything the gateway process needs to start."""
 
@@ -105,6 +116,7 @@ class Settings(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     timeouts: Timeouts = Timeouts()
     admission: Admission = Admission()
+    accounts: Accounts = Accounts()
 
 
 def _env_overlay(env: Mapping[str, str]) -> dict[str, Any]:

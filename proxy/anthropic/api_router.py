@@ -35,7 +35,7 @@ DIALECT = Dialect(
 async def count_tokens(gateway: Gateway, request: Request) -> Response:
     """vLLM's count of the prompt tokens of a messages request, for a caller whose tier may use
     the model; nothing is reserved or billed."""
-    principal = gateway.principal(request, KEY_HEADER)
+    principal = await gateway.principal(request, KEY_HEADER)
     raw = await read_body(request, gateway.settings.max_body_bytes)
     model = parse_count_request(raw)
     gateway.served_model(principal, model)

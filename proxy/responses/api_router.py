@@ -34,7 +34,7 @@ DIALECT = Dialect(
 
 async def stored(gateway: Gateway, request: Request, method: str, tail: str) -> Response:
     """Pass a request about a stored response to the upstream holding it, for its owner."""
-    principal = gateway.principal(request)
+    principal = await gateway.principal(request)
     response_id = request.path_params["response_id"]
     if not RESPONSE_ID.fullmatch(response_id):
         raise not_found(response_id[:140])

@@ -31,6 +31,7 @@ from metering.meter import (
 from metering.pipeline import ScriptConnection
 from metering.settler import Settler
 from metering.spool import Spool
+from metering.windows import Scope
 from policies.pricing import Usage, value_nano
 from policies.schema import Tier
 
@@ -78,7 +79,11 @@ def run(make: Callable[[Redis], Awaitable[T]], url: str) -> T:
 
 
 def request(rid: str, fixed: int = 10, want_max: int = 400, user: str = "alice") -> ReserveRequest:
-    return ReserveRequest(rid, user, "pro", TIER, "tiny", fixed, 1, want_max)
+    return ReserveRequest(rid, scope(user), "pro", TIER, "tiny", fixed, 1, want_max)
+
+
+def scope(user: str = "alice", tier: Tier = TIER) -> Scope:
+    return Scope(user, tuple(tier.caps.windows))
 
 
 def event(
@@ -100,7 +105,7 @@ def test_reserve_holds_in_every_window_and_settle_returns_the_rest(redis_url: st
         held = await meter.reserve(request("r1"))
         assert (held.granted, held.left) == (400, 600 - 410)
         assert await window_used(redis, "day") == await window_used(redis, "rolling-minute") == 410
-        assert await meter.settle(event("r1", 8, 100), TIER.caps.windows) == "ok"
+        assert await meter.settle(event("r1", 8, 100), scope()) == "ok"
         assert await window_used(redis, "day") == await window_used(redis, "rolling-minute") == 108
         assert await redis.zcard("cg:{u:alice}:live") == 0
         totals = await redis.hgetall("cg:{u:alice}:totals")
@@ -130,7 +135,7 @@ def test_concurrency_limit_counts_live_reservations(redis_url: str) -> None:
             await meter.reserve(request(f"r{i}", want_max=10))
         with pytest.raises(ConcurrencyExceeded):
             await meter.reserve(request("r3", want_max=10))
-        await meter.settle(event("r0", 1, 1), TIER.caps.windows)
+        await meter.settle(event("r0", 1, 1), scope())
         await meter.reserve(request("r3", want_max=10))
 
     run(scenario, redis_url)
@@ -140,8 +145,8 @@ def test_settle_is_exactly_once(redis_url: str) -> None:
     async def scenario(redis: Redis) -> None:
         meter = Meter(redis)
         await meter.reserve(request("r1"))
-        assert await meter.settle(event("r1", 5, 5), TIER.caps.windows) == "ok"
-        assert await meter.settle(event("r1", 5, 5), TIER.caps.windows) == "duplicate"
+        assert await meter.settle(event("r1", 5, 5), scope()) == "ok"
+        assert await meter.settle(event("r1", 5, 5), scope()) == "duplicate"
         assert await window_used(redis, "day") == 10
         assert await redis.xlen("cg:{u:alice}:ledger") == 1
 
@@ -159,7 +164,7 @@ def test_leases_extend_within_the_cap_and_then_refuse(redis_url: str) -> None:
         third = await meter.extend(held, want_min=1, want_max=250, prompt_tokens=3, completion_tokens=600)
         assert third.granted == 0
         assert await window_used(redis, "rolling-minute") == 600
-        await meter.settle(event("r1", 0, 580), TIER.caps.windows)
+        await meter.settle(event("r1", 0, 580), scope())
         assert await window_used(redis, "rolling-minute") == 580
 
     run(scenario, redis_url)
@@ -175,14 +180,14 @@ def test_reaper_returns_an_expired_reservation_and_a_late_settle_replaces_its_ev
         assert await meter.reap_all() == 1
         assert await window_used(redis, "day") == 40
         assert await redis.zcard("cg:{u:alice}:live") == 0
-        assert await meter.settle(event("r1", 10, 50), TIER.caps.windows) == "late"
+        assert await meter.settle(event("r1", 10, 50), scope()) == "late"
         assert await window_used(redis, "day") == 60
         entries = await redis.xrange("cg:{u:alice}:ledger")
         assert len(entries) == 1  # one row per request: the reaper's, replaced by the real one
         assert entries[0][1][b"completion_tokens"] == b"50" and entries[0][1][b"finish_reason"] == b"stop"
         totals = await redis.hgetall("cg:{u:alice}:totals")
         assert int(totals[b"completion_tokens"]) == 50 and int(totals[b"requests"]) == 1
-        assert await meter.settle(event("r1", 10, 50), TIER.caps.windows) == "duplicate"
+        assert await meter.settle(event("r1", 10, 50), scope()) == "duplicate"
 
     run(scenario, redis_url)
 
@@ -203,8 +208,8 @@ def test_settle_without_reservation_charges_current_windows_once(redis_url: str)
 
     async def scenario(redis: Redis) -> None:
         meter = Meter(redis)
-        assert await meter.settle(event("open-1", 4, 6), TIER.caps.windows) == "ok"
-        assert await meter.settle(event("open-1", 4, 6), TIER.caps.windows) == "duplicate"
+        assert await meter.settle(event("open-1", 4, 6), scope()) == "ok"
+        assert await meter.settle(event("open-1", 4, 6), scope()) == "duplicate"
         assert await window_used(redis, "day") == 10
 
     run(scenario, redis_url)
@@ -214,7 +219,7 @@ def test_keys_of_one_user_share_a_hash_slot(redis_url: str) -> None:
     async def scenario(redis: Redis) -> None:
         meter = Meter(redis)
         await meter.reserve(request("r1"))
-        await meter.settle(event("r1", 1, 1), TIER.caps.windows)
+        await meter.settle(event("r1", 1, 1), scope())
         keys = [k.decode() async for k in redis.scan_iter(match="cg:*")]
         slots = {key_slot(k.encode()) for k in keys}
         assert len(keys) >= 5 and len(slots) == 1
@@ -231,7 +236,7 @@ def test_spool_carries_settlements_through_an_outage(redis_server: RedisServer, 
             redis = Redis.from_url(server.url, socket_timeout=0.5, socket_connect_timeout=0.5)
             settler = Settler(Meter(redis), Spool(tmp_path / "spool", 1 << 20))
             server.kill()
-            outcomes = [await settler.settle(event(f"o{i}", 2, 3), TIER.caps.windows) for i in range(5)]
+            outcomes = [await settler.settle(event(f"o{i}", 2, 3), scope()) for i in range(5)]
             assert outcomes == ["spooled"] * 5
             with pytest.raises(MeterUnavailable):
                 await settler.meter.ping()
@@ -263,7 +268,7 @@ def test_reserve_refuses_arguments_that_would_lend_budget(
         meter = Meter(redis)
         with pytest.raises(MeterRefused):
             await meter.reserve(
-                ReserveRequest("bad", "alice", "pro", TIER, "tiny", fixed, want_min, want_max)
+                ReserveRequest("bad", scope(), "pro", TIER, "tiny", fixed, want_min, want_max)
             )  # type: ignore[arg-type]
         assert [k async for k in redis.scan_iter(match="cg:*")] == []
 
@@ -279,7 +284,7 @@ def test_extend_and_settle_refuse_negative_usage(redis_url: str) -> None:
         with pytest.raises(MeterRefused):
             await meter.extend(held, want_min=0, want_max=0, prompt_tokens=-1, completion_tokens=1)
         with pytest.raises(MeterRefused):
-            await meter.settle(event("r1", -10, 5), TIER.caps.windows)
+            await meter.settle(event("r1", -10, 5), scope())
         assert await window_used(redis, "day") == 410
         assert await redis.xlen("cg:{u:alice}:ledger") == 0
 
@@ -295,7 +300,8 @@ def test_reaper_prices_cached_prompt_tokens_like_settlement(redis_url: str) -> N
     async def scenario(redis: Redis) -> None:
         clock = Clock()
         meter = Meter(redis, lease_ttl_s=10, clock=clock)
-        held = await meter.reserve(ReserveRequest("c1", "carol", "cached", tier, "tiny", 0, 1, 100))
+        carol = scope("carol", tier)
+        held = await meter.reserve(ReserveRequest("c1", carol, "cached", tier, "tiny", 0, 1, 100))
         await meter.extend(
             held, want_min=0, want_max=0, prompt_tokens=512, cached_tokens=384, completion_tokens=7
         )
@@ -463,7 +469,7 @@ def test_redis_error_replies_are_an_outage_for_every_call(transport: str, fault:
             with pytest.raises(MeterUnavailable):
                 await meter.reserve(request("r1"))
             settler = Settler(meter, Spool(tmp_path / "spool", 1 << 20))
-            assert await settler.settle(event("r1", 3, 4), TIER.caps.windows) == "spooled"
+            assert await settler.settle(event("r1", 3, 4), scope()) == "spooled"
             assert settler.spool.size() > 0
             if scripts is not None:
                 await scripts.aclose()

@@ -18,6 +18,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from metering.meter import Meter, MeterUnavailable, ReserveRequest
 from metering.pipeline import TIMEOUTS_TO_RECONNECT, ReplyError, ScriptConnection
+from metering.windows import Scope
 from policies.schema import Tier
 
 pytestmark = pytest.mark.integration
@@ -134,7 +135,8 @@ def test_the_meter_reports_an_unreachable_redis_as_unavailable(tmp_path: Path) -
         meter = Meter(client, scripts=scripts)
         try:
             with pytest.raises(MeterUnavailable):
-                await meter.reserve(ReserveRequest("r1", "alice", "t", tier, "tiny", 5, 1, 10))
+                alice = Scope("alice", tuple(tier.caps.windows))
+                await meter.reserve(ReserveRequest("r1", alice, "t", tier, "tiny", 5, 1, 10))
         finally:
             await scripts.aclose()
             await client.aclose()

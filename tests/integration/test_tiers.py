@@ -371,7 +371,7 @@ def test_minted_key_pasted_into_the_policy_authenticates(
 ) -> None:
     user = f"minted-{RUN}"
     minted = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "keys", "new", user],
+        [sys.executable, "-m", "proxy.cli", "keys", "new", user, "--policy-file"],
         capture_output=True,
         text=True,
         check=True,

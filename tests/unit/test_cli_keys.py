@@ -27,7 +27,7 @@ def minted(output: str) -> tuple[str, str, str]:
 
 
 def test_printed_hash_is_the_sha256_of_the_printed_key(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["keys", "new", "alice"]) == 0
+    assert main(["keys", "new", "alice", "--policy-file"]) == 0
     output = capsys.readouterr().out
     user, key, line = minted(output)
     assert user == "alice"
@@ -39,13 +39,13 @@ def test_printed_hash_is_the_sha256_of_the_printed_key(capsys: pytest.CaptureFix
 def test_every_call_mints_a_new_key(capsys: pytest.CaptureFixture[str]) -> None:
     keys = set()
     for _ in range(3):
-        main(["keys", "new", "alice"])
+        main(["keys", "new", "alice", "--policy-file"])
         keys.add(minted(capsys.readouterr().out)[1])
     assert len(keys) == 3
 
 
 def test_the_printed_line_pasted_under_keys_authenticates_the_key(capsys: pytest.CaptureFixture[str]) -> None:
-    main(["keys", "new", "alice"])
+    main(["keys", "new", "alice", "--policy-file"])
     _, key, line = minted(capsys.readouterr().out)
     text = (
         textwrap.dedent(
@@ -69,7 +69,7 @@ def test_the_printed_line_pasted_under_keys_authenticates_the_key(capsys: pytest
 
 def test_installed_command_prints_the_same_shape() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "keys", "new", "bob"],
+        [sys.executable, "-m", "proxy.cli", "keys", "new", "bob", "--policy-file"],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -130,7 +130,7 @@ BROKEN = [
             "        - {per: day, tokens: 1000}\n",
             "        - {per: day, tokens: 1000}\n        - {per: day, tokens: 9}\n",
         ),
-        ("tiers.free.caps", 4, "window 'day' is capped twice"),
+        ("tiers.free.caps.windows", 6, "window 'day' is capped twice"),
         id="window-twice",
     ),
     pytest.param(

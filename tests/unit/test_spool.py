@@ -14,12 +14,13 @@ import pytest
 
 from metering.events import UsageEvent
 from metering.spool import Spool, SpooledSettlement, read_items, rewrite
+from metering.windows import Scope
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def item(rid: str) -> SpooledSettlement:
-    return SpooledSettlement(UsageEvent(rid, "u", "t", "m", 1, 0, 2, 3, 3, "stop", None, 1.0, 5), ())
+    return SpooledSettlement(UsageEvent(rid, "u", "t", "m", 1, 0, 2, 3, 3, "stop", None, 1.0, 5), Scope("u"))
 
 
 def test_append_async_fsyncs_in_a_worker_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -57,11 +58,12 @@ import sys
 sys.path.insert(0, {repo!r})
 from metering.events import UsageEvent
 from metering.spool import Spool, SpooledSettlement
+from metering.windows import Scope
 spool = Spool({dir!r}, 1 << 30)
 i = 0
 while True:
     event = UsageEvent(f"r{{i}}", "u", "t", "m", 1, 0, 2, 3, 3, "stop", None, 1.0, 5)
-    spool.append(SpooledSettlement(event, ()))
+    spool.append(SpooledSettlement(event, Scope("u")))
     print(i, flush=True)
     i += 1
 """

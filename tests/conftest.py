@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import pytest
 from harness import RedisCluster, RedisServer, VllmServer, stop_all_on_sigterm
 
+ALIAS = "tiny-b"  # the session vLLM's second name for its model
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "integration: needs real servers (Redis, vLLM)")
@@ -30,6 +32,7 @@ def redis_cluster() -> Iterator[RedisCluster]:
 
 @pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
-    """The one vLLM server of the session (tiny model, priority scheduling)."""
-    with VllmServer(log_path=tmp_path_factory.mktemp("vllm") / "vllm.log") as server:
+    """The one vLLM server of the session (tiny model, priority scheduling), serving the model
+    under a second name too (`ALIAS`), so that tests can price two models."""
+    with VllmServer(log_path=tmp_path_factory.mktemp("vllm") / "vllm.log", aliases=[ALIAS]) as server:
         yield server

@@ -9,7 +9,15 @@ team).
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 
 from policies.schema import NAME, Windows
 from proxy.errors import APIError
@@ -38,9 +46,17 @@ class UpdateUser(_Body):
     team: Id | None = None
 
 
+def _expiry(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("must be Unix seconds (an integer) or ISO 8601 text")
+    return expiry_seconds(value)
+
+
 class CreateKey(_Body):
     name: Annotated[StrictStr, Field(max_length=MAX_NAME)] = ""
-    expires_at: StrictInt | StrictStr | None = None
+    expires_at: Annotated[int | None, BeforeValidator(_expiry)] = None
 
     @field_validator("name")
     @classmethod
@@ -48,11 +64,6 @@ class CreateKey(_Body):
         if not name.isprintable():
             raise ValueError("must be printable text")
         return name
-
-    @field_validator("expires_at")
-    @classmethod
-    def _moment(cls, value: int | str | None) -> int | None:
-        return None if value is None else expiry_seconds(value)
 
 
 class CreateTeam(_Body):

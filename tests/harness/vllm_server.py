@@ -67,6 +67,7 @@ class VllmServer(Service):
         log_path: Path | None = None,
         startup_timeout: float = 240.0,
         served_name: str = SERVED_MODEL_NAME,
+        aliases: Sequence[str] = (),
     ) -> None:
         self.port = port if port is not None else free_port()
         self.venv = venv if venv is not None else vllm_venv()
@@ -87,7 +88,7 @@ class VllmServer(Service):
             str(self.python),
             "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(self.model_dir),
-            "--served-model-name", served_name,
+            "--served-model-name", served_name, *aliases,
             "--host", HOST,
             "--port", str(self.port),
             "--dtype", "float32",

@@ -38,7 +38,7 @@ def direct(vllm_server: VllmServer) -> OpenAI:
 
 def test_models_lists_what_vllm_serves(proxied: OpenAI, direct: OpenAI) -> None:
     through, own = proxied.models.list(), direct.models.list()
-    assert [m.id for m in through.data] == [m.id for m in own.data] == ["tiny"]
+    assert [m.id for m in through.data] == [m.id for m in own.data] == ["tiny", "tiny-b"]
     card = through.data[0].model_dump()
     assert card["max_model_len"] == MAX_MODEL_LEN
 

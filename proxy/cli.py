@@ -60,7 +60,9 @@ def _check_config(args: argparse.Namespace) -> int:
             print(f"{args.file}: cannot read: {exc.__cause__}", file=sys.stderr)
         return 1
     policy = index.policy
-    print(f"{args.file}: ok ({len(policy.tiers)} tiers, {len(policy.users)} users)")
+    print(
+        f"{args.file}: ok ({len(policy.tiers)} tiers, {len(policy.teams)} teams, {len(policy.users)} users)"
+    )
     return 0
 
 
@@ -86,7 +88,6 @@ def _accounts(args: argparse.Namespace, operation: Callable[[Any], Awaitable[dic
     from metering.accounts import AccountStore
     from metering.meter import Meter
     from proxy.admin.serving import AccountService, answered
-    from proxy.errors import APIError
 
     settings, redis = _redis(args)
     index = read_policy(Path(settings.policy_file))
@@ -98,12 +99,7 @@ def _accounts(args: argparse.Namespace, operation: Callable[[Any], Awaitable[dic
         finally:
             await redis.aclose()
 
-    try:
-        answer = asyncio.run(run())
-    except APIError as error:
-        print(f"capgate: {error.message}", file=sys.stderr)
-        return 1
-    print(json.dumps(answer, indent=2))
+    print(json.dumps(asyncio.run(run()), indent=2))
     return 0
 
 
@@ -149,10 +145,14 @@ def _keys(args: argparse.Namespace) -> int:
 
 def _teams(args: argparse.Namespace) -> int:
     from proxy.admin.protocol import CreateTeam
+    from proxy.errors import APIError
 
     command = args.teams_command
     if command == "add":
-        windows = None if args.windows is None else json.loads(args.windows)
+        try:
+            windows = None if args.windows is None else json.loads(args.windows)
+        except json.JSONDecodeError as exc:
+            raise APIError(400, f"--windows is not JSON: {exc}") from exc
         body = _body(CreateTeam, id=args.team, tier=args.tier, windows=windows)
         return _accounts(args, lambda s: s.create_team(body))
     if command == "list":
@@ -325,8 +325,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from proxy.errors import APIError
+
     args = parser().parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except APIError as error:
+        print(f"capgate: {error.message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from metering.accounts import AccountStore, KeyRecord, TeamRecord, UserRecord
 from policies.index import PolicyIndex, Principal
@@ -29,6 +29,12 @@ log = logging.getLogger("capgate.accounts")
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 _ABSENT = object()
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Mark a fetch's failure as seen (its waiters, if any are left, get it too)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class AccountUnusable(Exception):
@@ -111,7 +117,7 @@ class Directory:
         self.users: _Cache[UserRecord] = _Cache(settings.cache_size)
         self.teams: _Cache[TeamRecord] = _Cache(settings.cache_size)
         self._epoch = 0  # bumped by every eviction: a lookup that raced one does not cache
-        self._pending: dict[tuple[str, str], asyncio.Future[object]] = {}
+        self._pending: dict[tuple[str, str], asyncio.Future[Any]] = {}
         self._last_entry = "0-0"
         self._last_seq: int | None = None
         self._used: dict[str, int] = {}
@@ -119,27 +125,29 @@ class Directory:
     async def _lookup(
         self, kind: str, cache: _Cache[V], key: str, fetch: Callable[[str], Awaitable[V | None]]
     ) -> V | None:
-        """The record of `key` from `cache`, or fetched once however many requests ask at once."""
+        """The record of `key` from `cache`, or fetched once however many requests ask at once.
+        The fetch runs as a task of its own: a caller that is cancelled (its client hung up)
+        cancels neither the fetch nor the others waiting on it."""
         cached = cache.get(key)
         if cached is not _ABSENT:
             return cached  # type: ignore[return-value]
-        pending = self._pending.get((kind, key))
-        if pending is not None:
-            return await asyncio.shield(pending)  # type: ignore[return-value]
-        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self._pending[(kind, key)] = future
+        task = self._pending.get((kind, key))
+        if task is None:
+            task = asyncio.ensure_future(self._fetch(kind, cache, key, fetch))
+            task.add_done_callback(_retrieved)
+            self._pending[(kind, key)] = task
+        return await asyncio.shield(task)  # type: ignore[return-value]
+
+    async def _fetch(
+        self, kind: str, cache: _Cache[V], key: str, fetch: Callable[[str], Awaitable[V | None]]
+    ) -> V | None:
         epoch = self._epoch
         try:
             value = await fetch(key)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: the waiters, if any, get it too
-            raise
         finally:
             del self._pending[(kind, key)]
         if epoch == self._epoch:
             cache.put(key, value)
-        future.set_result(value)
         return value
 
     async def principal_for_key(self, key: str) -> Principal | None:

@@ -86,7 +86,10 @@ def expiry_seconds(value: int | str) -> int:
             raise ValueError("must be Unix seconds or an ISO 8601 time with a time zone") from None
         if moment.tzinfo is None:
             raise ValueError("an ISO 8601 time needs a time zone (e.g. 'Z' or '+00:00')")
-        value = int(moment.astimezone(UTC).timestamp())
+        try:
+            value = int(moment.astimezone(UTC).timestamp())
+        except OverflowError:
+            value = 0
     if not 0 < value <= LATEST_EXPIRY_S:
         raise ValueError(f"must be between 1 and {LATEST_EXPIRY_S} (Unix seconds)")
     return value

@@ -4,7 +4,9 @@ Each operation checks its references against the policy (a tier must exist; a us
 must not be the policy file's), changes Redis in one atomic script, and answers a JSON-ready
 mapping, or raises an `APIError` (404 unknown, 409 conflict, 400 invalid, 503 Redis
 unavailable). A team change moves the user's own counters to the new team's hash slot
-(`Meter.start_move` / `finish_move`) so their caps carry over exactly.
+(`Meter.start_move` / `finish_move`) before the user's record names the new team, so their caps
+carry over exactly: until the record changes, the old home refuses the user's holds (a 503 to
+retry), and a change that fails midway is finished by running it again.
 """
 
 import secrets
@@ -178,6 +180,7 @@ class AccountService:
         new = self._scope(user_id, tier, body.team if moving else user.team)
         if moving:
             await self.meter.start_move(new)
+            await self.meter.finish_move(old, new)
         try:
             await self.store.update_user(
                 user_id,
@@ -190,10 +193,9 @@ class AccountService:
             )
         except AccountConflict as exc:
             if moving:
-                await self.meter.start_move(new, enter_s=0)
+                await self.meter.start_move(old)
+                await self.meter.finish_move(new, old)
             raise self._refused(exc, user_id) from exc
-        if moving:
-            await self.meter.finish_move(old, new)
         return await self.get_user(user_id)
 
     async def delete_user(self, user_id: str) -> dict[str, Any]:

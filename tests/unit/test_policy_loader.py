@@ -184,7 +184,7 @@ def run_check_config(path: Path) -> subprocess.CompletedProcess[str]:
 def test_check_config_command_accepts_example() -> None:
     result = run_check_config(EXAMPLE)
     assert result.returncode == 0, result.stderr
-    assert "ok (3 tiers, 3 users)" in result.stdout
+    assert "ok (3 tiers, 0 teams, 3 users)" in result.stdout
 
 
 def test_check_config_command_prints_every_problem_and_fails(tmp_path: Path) -> None:

@@ -103,6 +103,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.gateway = gateway
         app.state.accounts = AccountService(store, meter, lambda: policies.index)
         await pool.start()
+        await _sync_accounts(directory)
         admission.start()
         policies.start()
         loops = [

@@ -162,6 +162,17 @@ class AccountStore:
              was_team or ""],
         )  # fmt: skip
 
+    async def begin_team_change(
+        self, user_id: str, was_team: str | None, team: str | None, now_ms: int, *, static_team: bool = False
+    ) -> None:
+        """Take the change of a user's team from `was_team` to `team` for this caller; refused
+        ('busy') while another change of it runs (for 30 s at most), ('conflict') once it is no
+        longer `was_team`. Setting the team (`update_user`) ends it."""
+        await self._change(
+            self._user,
+            ["move", user_id, "", team or "", now_ms, int(static_team), 0, 0, was_team or ""],
+        )
+
     async def delete_user(self, user_id: str) -> None:
         """Delete a user and every key of theirs."""
         await self._change(self._user, ["delete", user_id, "", "", 0, 0, 0, 0, ""])

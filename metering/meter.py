@@ -354,33 +354,39 @@ class Meter:
     def _own_counters(self, scope: Scope, now: float) -> dict[tuple[str, bool], Counter]:
         return {(c.slot.name, c.spend): c for c in counters_of(scope, now) if not c.team}
 
+    async def enter_home(self, scope: Scope) -> None:
+        """Make `scope`'s home the user's (a new user): what an earlier move left there is dropped
+        and holds are made there again."""
+        await self.start_move(scope)
+        await self._run(self._home_enter, [scope.keys.res], ["end", 1])
+
     async def start_move(self, new: Scope, enter_s: float = 10.0) -> None:
         """First step of a user's move to `new`'s home (a team change): that home holds nothing
         for them until `finish_move` (or for `enter_s` at most)."""
         now = self.clock()
-        entering = self._own_counters(new, now)
-        keys = [new.keys.res, new.keys.totals, *(c.key for c in entering.values())]
-        args = [int(now * 1000) + int(enter_s * 1000), 1, *[0] * (1 + len(entering))]
-        await self._run(self._home_enter, keys, args)
+        keys = [new.keys.res, *(c.key for c in self._own_counters(new, now).values())]
+        await self._run(self._home_enter, keys, ["begin", int(now * 1000) + int(enter_s * 1000)])
 
     async def finish_move(self, old: Scope, new: Scope) -> None:
-        """Move a user's own counters and totals from `old`'s home to `new`'s: the old home holds
-        nothing for them from now on, the new one takes what the old one counted (holds of
-        requests in flight included, whole) and starts holding again."""
+        """Move a user's own counters from `old`'s home to `new`'s: the old home holds nothing for
+        them from now on, the new one counts what the old one counted (holds of requests in flight
+        included, whole) and starts holding again. Running a move again (after `start_move`)
+        finishes one cut short and counts nothing twice. Running totals stay where they were
+        counted (the tier totals add up every home)."""
         now = self.clock()
         leaving = list(self._own_counters(old, now).values())
         entering = self._own_counters(new, now)
         reply = await self._run(
-            self._home_leave, [old.keys.res, old.keys.totals, *(c.key for c in leaving)], [int(now * 1000)]
+            self._home_leave, [old.keys.res, *(c.key for c in leaving)], [int(now * 1000)]
         )
         assert isinstance(reply, list)
-        contents: dict[str, list] = {new.keys.totals: reply[0]}
-        for counter, flat in zip(leaving, reply[1:], strict=True):
+        contents: dict[str, list] = {}
+        for counter, flat in zip(leaving, reply, strict=True):
             target = entering.get((counter.slot.name, counter.spend))
             if target is not None:
                 contents[target.key] = flat
         ttl = max((c.slot.ttl_s for c in entering.values()), default=1)
-        args: list[object] = [0, ttl]
+        args: list[object] = ["end", ttl]
         for flat in contents.values():
             args += [len(flat) // 2, *(decoded(v) for v in flat)]
         await self._run(self._home_enter, [new.keys.res, *contents], args)

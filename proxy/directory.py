@@ -238,6 +238,7 @@ class Directory:
         while True:
             changes = await self.store.changes(self._last_entry)
             if not changes:
+                await self._check_not_lost()
                 return
             for change in changes:
                 if change.seq != self._last_seq + 1:
@@ -250,6 +251,15 @@ class Directory:
                 self._last_entry, self._last_seq = change.entry, change.seq
             if len(changes) < 1000:
                 return
+
+    async def _check_not_lost(self) -> None:
+        """Drop the cache when the changes went back (Redis lost its data, so the accounts cached
+        may be gone too), and follow them from where they stand."""
+        last = await self.store.last_change()
+        if (last.seq if last is not None else 0) < (self._last_seq or 0):
+            log.warning("account changes went back (redis lost its data?): dropping the cache")
+            self.forget_all()
+            self._last_entry, self._last_seq = (last.entry, last.seq) if last is not None else ("0-0", 0)
 
     def _note_use(self, digest: str, now_ms: int) -> None:
         """Remember that a key served now, for `flush_last_used`; at most `cache_size` keys wait

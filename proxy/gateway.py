@@ -233,12 +233,12 @@ class Gateway:
 
         A content part that is not text (an image, audio, a file) may stand for more prompt
         tokens than any bound capgate can prove without running the model's processor: for a
-        tier that counts prompt tokens such a request is refused."""
-        if request.media is not None and principal.tier.counts("prompt"):
+        tier that counts prompt tokens, or a user with a spend cap, such a request is refused."""
+        if request.media is not None and (principal.tier.counts("prompt") or Scope.of(principal).spends):
             raise APIError(
                 400,
-                f"'{request.media}' is not text: this tier counts prompt tokens, and capgate cannot "
-                "bound the prompt tokens of images, audio, video or files",
+                f"'{request.media}' is not text: this tier counts prompt tokens (or caps spend), and "
+                "capgate cannot bound the prompt tokens of images, audio, video or files",
                 param=request.media,
                 code="unsupported_content",
             )

@@ -32,7 +32,7 @@ def _int_query(request: Request, name: str, default: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or len(raw) > 9:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
         raise APIError(400, f"'{name}' must be a whole number", param=name, code="invalid_value")
     return int(raw)
 

@@ -6,7 +6,8 @@ mapping, or raises an `APIError` (404 unknown, 409 conflict, 400 invalid, 503 Re
 unavailable). A team change moves the user's own counters to the new team's hash slot
 (`Meter.start_move` / `finish_move`) before the user's record names the new team, so their caps
 carry over exactly: until the record changes, the old home refuses the user's holds (a 503 to
-retry), and a change that fails midway is finished by running it again.
+retry). One change of a user's team runs at a time (another is a 409 while it runs), and a
+change that fails midway is finished by running it again (after 30 s, when its hold lapses).
 """
 
 import secrets
@@ -142,6 +143,7 @@ class AccountService:
             raise _conflict(f"user {body.id!r} is defined in the policy file", "user_exists")
         self._tier(body.tier)
         static = await self._team_exists(body.team) if body.team else False
+        await self.meter.enter_home(self._scope(body.id, body.tier, body.team))
         try:
             await self.store.create_user(body.id, body.tier, body.team, self._now_ms(), static_team=static)
         except AccountConflict as exc:
@@ -178,10 +180,13 @@ class AccountService:
         static = await self._team_exists(body.team) if moving and body.team else False
         old = self._scope(user_id, user.tier, user.team)
         new = self._scope(user_id, tier, body.team if moving else user.team)
-        if moving:
-            await self.meter.start_move(new)
-            await self.meter.finish_move(old, new)
         try:
+            if moving:
+                await self.store.begin_team_change(
+                    user_id, user.team, body.team, self._now_ms(), static_team=static
+                )
+                await self.meter.start_move(new)
+                await self.meter.finish_move(old, new)
             await self.store.update_user(
                 user_id,
                 tier=body.tier,
@@ -192,9 +197,6 @@ class AccountService:
                 static_team=static,
             )
         except AccountConflict as exc:
-            if moving:
-                await self.meter.start_move(old)
-                await self.meter.finish_move(new, old)
             raise self._refused(exc, user_id) from exc
         return await self.get_user(user_id)
 
@@ -321,6 +323,10 @@ class AccountService:
             return APIError(400, "that team does not exist", param="team", code="team_not_found")
         if reason == "members":
             return _conflict(f"team {item!r} has members: move them out first", "team_has_members")
+        if reason == "busy":
+            return _conflict(
+                f"another change of {item!r}'s team is under way: retry later", "team_change_busy"
+            )
         return _conflict(f"{what} {item!r} changed meanwhile: read it again and retry", "conflict")
 
 

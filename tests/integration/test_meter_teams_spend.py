@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster as AsyncCluster
 
+from metering.accounts import AccountConflict, AccountStore
 from metering.events import UsageEvent
 from metering.meter import AccountMoving, CapExceeded, Meter, ReserveRequest
 from metering.windows import Scope, counters_of
@@ -176,8 +177,8 @@ def test_a_user_changing_team_takes_their_counts_and_holds_nowhere_in_between(re
         with pytest.raises(AccountMoving):
             await meter.reserve(hold("a4", alone, 10))
         assert await used(redis, in_team) == {"day": 300 + 110, "team day": 0}
-        totals = await redis.hgetall(in_team.keys.totals)
-        assert int(totals[b"completion_tokens"]) == 290 and await redis.exists(alone.keys.totals) == 0
+        totals = await redis.hgetall(alone.keys.totals)
+        assert int(totals[b"completion_tokens"]) == 290, "running totals stay where they were counted"
         extended = await meter.extend(
             in_flight, want_min=1, want_max=50, prompt_tokens=10, completion_tokens=5
         )
@@ -186,6 +187,53 @@ def test_a_user_changing_team_takes_their_counts_and_holds_nowhere_in_between(re
         held = await meter.reserve(hold("a5", in_team, 1000))
         assert held.granted == 800 - 410 - 10
         assert await used(redis, in_team) == {"day": 800, "team day": 390}
+
+    run(scenario, redis_url)
+
+
+def test_a_move_run_again_counts_nothing_twice_and_a_move_back_drops_the_copy(redis_url: str) -> None:
+    async def scenario(redis: Redis) -> None:
+        meter = Meter(redis)
+        alone, in_team = member("bob", None), member("bob", "acme")
+        await meter.reserve(hold("b1", alone, 200))
+        await meter.settle(usage_event("b1", alone, 10, 190), alone)
+        for _ in range(3):  # a change cut short after any step is run again in full
+            await meter.start_move(in_team)
+            await meter.finish_move(alone, in_team)
+        assert (await used(redis, in_team))["day"] == 200
+        await meter.reserve(hold("b3", in_team, 50))
+        await meter.start_move(alone)  # moving back: the copy left behind is dropped, not added
+        await meter.finish_move(in_team, alone)
+        assert (await used(redis, alone))["day"] == 260
+        assert (await meter.reserve(hold("b4", alone, 10))).granted == 10
+        with pytest.raises(AccountMoving):
+            await meter.reserve(hold("b5", in_team, 10))
+        await meter.enter_home(in_team)  # a user created anew in a home they once left
+        assert (await used(redis, in_team))["day"] == 0
+        assert (await meter.reserve(hold("b6", in_team, 10))).granted == 10
+
+    run(scenario, redis_url)
+
+
+def test_one_team_change_of_a_user_runs_at_a_time(redis_url: str) -> None:
+    async def scenario(redis: Redis) -> None:
+        store = AccountStore(redis)
+        now_ms = int(time.time() * 1000)
+        for team in ("t1", "t2"):
+            await store.create_team(team, None, TEAM_WINDOWS, now_ms)
+        await store.create_user("carol", None, "t1", now_ms)
+        await store.begin_team_change("carol", "t1", "t2", now_ms)
+        for rival in ("t2", None):
+            with pytest.raises(AccountConflict) as busy:
+                await store.begin_team_change("carol", "t1", rival, now_ms + 1000)
+            assert busy.value.reason == "busy"
+        await store.begin_team_change("carol", "t1", None, now_ms + 31_000)  # one cut short lapses
+        with pytest.raises(AccountConflict) as stale:
+            await store.update_user("carol", team="t2", set_team=True, was_team="t2")
+        assert stale.value.reason == "conflict"
+        await store.update_user("carol", team=None, set_team=True, was_team="t1")
+        assert await store.members("t1") == 0
+        await store.begin_team_change("carol", None, "t2", now_ms + 32_000)
 
     run(scenario, redis_url)
 

@@ -586,3 +586,23 @@ def test_last_used_times_are_written_in_bounded_batches_and_held_in_bounded_memo
     run(d.flush_last_used())
     assert [len(batch) for batch in store.touched] == [TOUCH_BATCH, 200]
     assert set().union(*store.touched) == set(digests[: TOUCH_BATCH + 200])
+
+
+def test_changes_going_back_drop_the_cache() -> None:
+    """Redis restarted empty: the accounts cached may be gone, and no change says so."""
+    store = FakeStore()
+    store.add_user("bob")
+    digest = store.add_key("cg-bob", "bob")
+    store.change("user", "x")
+    d = directory(store)
+    run(d.principal_for_key("cg-bob"))
+    run(d.sync())
+    run(d.principal_for_key("cg-bob"))
+    assert store.calls["key"] == 1
+    store.log.clear()
+    del store.keys[digest]
+    run(d.sync())
+    assert run(d.principal_for_key("cg-bob")) is None
+    store.change("key", "other")  # the numbers start again from 1, and are followed from there
+    run(d.sync())
+    assert d._last_seq == 1

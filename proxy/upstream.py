@@ -6,6 +6,11 @@ length) and `/metrics` (`vllm:num_requests_waiting`, `vllm:num_requests_running`
 An upstream's capacity (requests run at once) is its `slots` setting, else learned from those
 gauges: the most vLLM ran while requests waited, on two readings in a row.
 Requests go to the least loaded healthy upstream that serves the model.
+
+An upstream that refuses the connection or answers garbage is taken out at once. One that is
+only slow to answer a poll (vLLM's API process busy streaming on a loaded machine) or drops the
+poll's connection stays in until `SLOW_POLLS_TO_EJECT` polls in a row failed so: a busy server
+still serves, and ejecting it would turn a slow poll into 502s.
 """
 
 import asyncio
@@ -28,6 +33,7 @@ _LOAD_METRICS = {
     "vllm:num_requests_running": "running",
     "vllm:kv_cache_usage_perc": "kv_cache_usage",
 }
+SLOW_POLLS_TO_EJECT = 3
 _PROBE_USER = {"role": "user", "content": ""}
 _PROBE_ASSISTANT = {"role": "assistant", "content": ""}
 
@@ -54,6 +60,7 @@ class UpstreamState:
     load: Load | None = None
     in_flight: int = 0
     seen_capacity: int = 0
+    slow_polls: int = 0  # polls in a row that timed out or lost their connection
 
     @property
     def capacity(self) -> int | None:
@@ -135,11 +142,19 @@ class UpstreamPool:
             cards = {card["id"]: card for card in models["data"]}
             served = {model: int(card.get("max_model_len") or 0) for model, card in cards.items()}
             metrics = await self.client.get(f"{base}/metrics", timeout=5.0)
+        except (httpx.TimeoutException, httpx.ReadError, httpx.RemoteProtocolError) as exc:
+            state.slow_polls += 1
+            if state.healthy and state.slow_polls >= SLOW_POLLS_TO_EJECT:
+                log.warning("upstream %s unreachable: %s (%d polls in a row)", state.upstream.label, exc,
+                            state.slow_polls)  # fmt: skip
+                state.healthy = False
+            return
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             if state.healthy:
                 log.warning("upstream %s unreachable: %s", state.upstream.label, exc)
             state.healthy = False
             return
+        state.slow_polls = 0
         for model in served.keys() - state.overheads.keys():
             state.overheads[model] = await self._calibrate(base, model)
         state.models, state.cards = served, cards

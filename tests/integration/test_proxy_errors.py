@@ -128,6 +128,7 @@ def test_upstream_timeout_is_504(
 
 
 def test_client_hang_up_aborts_the_vllm_request(gateway: CapgateServer, vllm_server: VllmServer) -> None:
+    vllm_server.wait_quiet()
     body = {"model": "tiny", "prompt": "a long story", "max_tokens": 7000, "stream": True, "ignore_eos": True}
     with httpx.stream(
         "POST", f"{gateway.base_url}/v1/completions", json=body, headers=KEY, timeout=60
@@ -135,7 +136,11 @@ def test_client_hang_up_aborts_the_vllm_request(gateway: CapgateServer, vllm_ser
         chunks = reply.iter_raw()
         for _ in range(5):
             next(chunks)
-        assert sample_sum(vllm_server.metrics(), "vllm:num_requests_running") == 1
+        # vLLM's gauges are set once per engine step: wait until they show the stream.
+        running = time.monotonic()
+        while sample_sum(vllm_server.metrics(), "vllm:num_requests_running") != 1:
+            assert time.monotonic() - running < 10.0, "vLLM does not show the stream as running"
+            time.sleep(0.05)
     hung_up = time.monotonic()
     while sample_sum(vllm_server.metrics(), "vllm:num_requests_running") > 0:
         assert time.monotonic() - hung_up < 2.0, "vLLM still runs the request 2 s after the hang-up"

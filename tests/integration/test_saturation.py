@@ -41,9 +41,11 @@ OBJECTIVE_S = 1.0
 # then the victim's replica sees the notice, drains the stream and frees the slot (0.8-1.6 s to the
 # first token measured on this machine, idle or busy).
 PREEMPT_OBJECTIVE_S = 2.0
-# Tokens vLLM's engine may generate between capgate closing a stream and vLLM processing the
-# abort: in vllm:generation_tokens_total but never reported for the request (README, known limits).
-UNSEEN_AFTER_ABORT = 3
+# How long vLLM may take, after capgate closes a stream, to process the abort: the tokens it
+# generates meanwhile are in vllm:generation_tokens_total but never reported for the request
+# (README, "What is not exact"); a few on an idle machine, over a second's worth when its cores are
+# shared with the load.
+ABORT_LAG_S = 2.0
 RUN = uuid.uuid4().hex[:8]  # user ids unique to this run: Redis outlives a single test
 
 
@@ -306,4 +308,6 @@ def test_a_starved_protected_request_preempts_a_preemptible_stream_which_ends_cl
     vllm.wait_quiet()
     made = generated(vllm)[0] - before - protected.tokens
     print(f"vLLM generated {made:.0f} tokens for the preempted stream, {victim.tokens} billed")
-    assert victim.tokens <= made <= victim.tokens + UNSEEN_AFTER_ABORT
+    assert victim.first is not None and victim.ended is not None
+    rate = victim.tokens / (victim.ended - victim.first)
+    assert victim.tokens <= made <= victim.tokens + rate * ABORT_LAG_S, "vLLM went on after the abort"

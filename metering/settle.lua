@@ -12,8 +12,9 @@
 -- ARGV[4] prompt   ARGV[5] cached   ARGV[6] completion   ARGV[7] value (nano)   ARGV[8] tier
 -- ARGV[9] number of event field/value pairs, then the pairs, then per counter: current slot,
 --         key ttl (s), unit (0 tokens, 1 spend)
--- Returns 'ok', 'late' (reaped before: the reaper's event is replaced by this one and only the
--- difference is added to caps and totals) or 'duplicate'.
+-- Returns 'ok', 'late' (reaped before: the reaper's event is replaced by this one, which names it
+-- in `replaces` for an exported copy, and only the difference is added to caps and totals) or
+-- 'duplicate'.
 -- Refuses (CAPGATE_ARG error, nothing written) negative or non-integer numbers, cached > prompt.
 -- Invariant: a request id is charged at most once in full (settle and reap never both count) and
 -- has at most one event in the ledger; its spend counters are charged its exact value.
@@ -40,6 +41,8 @@ if redis.call('ZSCORE', settled, rid) then
   local dc = math.max(0, completion - rec.oc)
   add_totals(totals, tier, 0, dp, dca, dc, math.max(0, value - rec.value))
   if rec.entry then redis.call('XDEL', ledger, rec.entry) end
+  event[#event + 1] = 'replaces'
+  event[#event + 1] = rec.entry or ''
   redis.call('XADD', ledger, '*', unpack(event))
   redis.call('HDEL', res, rid)
   return 'late'

@@ -5,10 +5,12 @@ import csv
 import io
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 
 from metering.events import LEDGER_FIELDS
-from metering.keys import LEDGER_PATTERN, TOTALS_PATTERN, user_keys_of
+from metering.keys import TOTALS_PATTERN, user_keys_of
+from metering.ledger import merged_entries
 from metering.meter import RedisClient, decoded
 from metering.windows import Counter, Scope, counters_of
 from policies.index import Principal
@@ -84,28 +86,24 @@ async def tier_totals(redis: RedisClient) -> dict[str, dict[str, int]]:
     return tiers
 
 
-async def ledger_events(redis: RedisClient, since_ms: int = 0, until_ms: int | None = None) -> list[dict]:
-    """Every ledger event in [since_ms, until_ms], all users merged, oldest first."""
-    events: list[dict] = []
-    end = "+" if until_ms is None else str(until_ms)
-    async for key in redis.scan_iter(match=LEDGER_PATTERN, count=500):
-        name = decoded(key)
-        for entry_id, fields in await redis.xrange(name, min=str(since_ms), max=end):
-            event = {decoded(k): decoded(v) for k, v in fields.items()}
-            event["entry_id"] = decoded(entry_id)
-            event.setdefault("user", user_keys_of(name).user_id)
-            events.append(event)
-    events.sort(key=lambda e: (int(e["entry_id"].split("-")[0]), e["entry_id"]))
-    return events
-
-
-def export_text(events: list[dict], fmt: str) -> str:
-    """The events as CSV (with a header) or JSON Lines text."""
+async def export_lines(
+    redis: RedisClient, fmt: str, since_ms: int = 0, until_ms: int | None = None
+) -> AsyncIterator[str]:
+    """The ledger events appended in [since_ms, until_ms], all users merged, oldest first, as CSV
+    (a header first) or JSON Lines, a line at a time (memory bounded: see `merged_entries`)."""
     columns = [*LEDGER_FIELDS, "entry_id"]
-    if fmt == "jsonl":
-        return "".join(json.dumps({c: e.get(c, "") for c in columns}) + "\n" for e in events)
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(events)
-    return out.getvalue()
+    if fmt == "csv":
+        writer.writeheader()
+        yield out.getvalue()
+    async for entry in merged_entries(redis, since_ms, until_ms):
+        event = {**entry.fields, "entry_id": entry.entry_id}
+        event.setdefault("user", user_keys_of(entry.stream).user_id)
+        if fmt == "jsonl":
+            yield json.dumps({c: event.get(c, "") for c in columns}) + "\n"
+            continue
+        out.seek(0)
+        out.truncate()
+        writer.writerow(event)
+        yield out.getvalue()

@@ -3,6 +3,7 @@
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -178,21 +179,39 @@ def _usage(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from metering.usage import export_text, ledger_events
+    from metering.usage import export_lines
 
     _, redis = _redis(args)
 
-    async def run() -> str:
+    async def run(out: Any) -> None:
         try:
-            return export_text(await ledger_events(redis, args.since_ms, args.until_ms), args.format)
+            async for line in export_lines(redis, args.format, args.since_ms, args.until_ms):
+                out.write(line)
         finally:
             await redis.aclose()
 
-    text = asyncio.run(run())
     if args.output:
-        Path(args.output).write_text(text)
+        with open(args.output, "w", newline="") as out:
+            asyncio.run(run(out))
     else:
-        sys.stdout.write(text)
+        asyncio.run(run(sys.stdout))
+    return 0
+
+
+def _exporter(args: argparse.Namespace) -> int:
+    from proxy.exporter import run_exporter
+
+    if args.config:
+        os.environ["CAPGATE_CONFIG"] = args.config
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"capgate: refusing to start:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    asyncio.run(run_exporter(settings))
     return 0
 
 
@@ -315,6 +334,12 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--output")
     export.add_argument("--config")
     export.set_defaults(run=_export)
+
+    exporter = commands.add_parser(
+        "exporter", help="move the ledger from Redis into the configured sink (a service; see `exporter`)"
+    )
+    exporter.add_argument("--config", help="settings YAML (default: $CAPGATE_CONFIG, then defaults)")
+    exporter.set_defaults(run=_exporter)
 
     optimize = commands.add_parser("optimize", help="compute the revenue-optimal cap menu of a TYPES file")
     optimize.add_argument("types", help="user types YAML (see deploy/policies/types.example.yaml)")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from policies.loader import ConfigError, Problem, parse_yaml, validate
 
@@ -90,6 +90,59 @@ class Accounts(_Section):
     last_used_interval_s: Annotated[float, Field(gt=0)] = 10.0
 
 
+class PostgresSink(_Section):
+    """Rows in PostgreSQL's `usage_events` (created when missing), one per request."""
+
+    kind: Literal["postgres"]
+    dsn: str = "postgresql://capgate@127.0.0.1:5432/capgate"
+
+
+class JsonlSink(_Section):
+    """JSON Lines files in `dir`, one per instance at a time, rotated by size and by the hour."""
+
+    kind: Literal["jsonl"]
+    dir: str = ".run/ledger"
+    rotate_bytes: Annotated[int, Field(gt=0)] = 64 << 20
+    rotate_hourly: bool = True
+
+
+class HttpSink(_Section):
+    """Batched CloudEvents POSTed to `url`, signed with `secret` (HMAC-SHA256)."""
+
+    kind: Literal["http"]
+    url: Annotated[str, Field(pattern=r"^https?://")]
+    secret: Annotated[str, Field(min_length=16)]
+    source: str = "capgate"
+    timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    max_backoff_s: Annotated[float, Field(gt=0)] = 30.0
+    # Where the last batch delivered is journaled, so that a crash does not send it again.
+    state_dir: str | None = ".run/export"
+
+
+class Exporter(_Section):
+    """`capgate exporter`: the ledger moved from Redis into a sink exactly once, then trimmed."""
+
+    sink: Annotated[PostgresSink | JsonlSink | HttpSink, Field(discriminator="kind")] = JsonlSink(
+        kind="jsonl"
+    )
+    # Several instances split the users' streams: each runs with its own `shard` of `shards`.
+    shard: Annotated[int, Field(ge=0)] = 0
+    shards: Annotated[int, Field(gt=0)] = 1
+    batch: Annotated[int, Field(gt=0, le=10_000)] = 500
+    interval_s: Annotated[float, Field(gt=0)] = 1.0
+    lock_ttl_s: Annotated[float, Field(gt=0)] = 30.0
+    # Events waiting in Redis above which `CapgateLedgerBacklog` fires (the exporter's gauge).
+    max_backlog: Annotated[int, Field(gt=0)] = 100_000
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9108
+
+    @model_validator(mode="after")
+    def _shard_in_range(self) -> "Exporter":
+        if self.shard >= self.shards:
+            raise ValueError(f"shard {self.shard} is not below shards ({self.shards})")
+        return self
+
+
 class Settings(_Section):
     """Everything the gateway process needs to start."""
 
@@ -117,6 +170,7 @@ class Settings(_Section):
     timeouts: Timeouts = Timeouts()
     admission: Admission = Admission()
     accounts: Accounts = Accounts()
+    exporter: Exporter = Exporter()
 
 
 def _env_overlay(env: Mapping[str, str]) -> dict[str, Any]:

@@ -6,10 +6,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from metering.usage import export_text, ledger_events, tier_totals, user_usage
+from metering.usage import export_lines, tier_totals, user_usage
 from proxy.admin.protocol import (
     CreateKey,
     CreateTeam,
@@ -113,9 +113,9 @@ def admin_routes(
             raise APIError(400, "format must be 'jsonl' or 'csv'", param="format")
         since = _int_query(request, "since_ms", 0)
         until = _int_query(request, "until_ms", -1)
-        events = await ledger_events(gateway.meter.redis, since, None if until < 0 else until)
+        lines = export_lines(gateway.meter.redis, fmt, since, None if until < 0 else until)
         media = "text/csv" if fmt == "csv" else "application/x-ndjson"
-        return Response(export_text(events, fmt), media_type=media)
+        return StreamingResponse(lines, media_type=media)
 
     return [
         route("/admin/users", "POST", create_user, 201),

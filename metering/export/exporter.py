@@ -1,0 +1,185 @@
+"""The exporter: moves ledger entries from Redis into a sink exactly once, then drops them from
+Redis, so that Redis holds only what is not exported yet.
+
+One pass reads a page of every stream of its shard, writes the pages to the sink in batches and,
+once a batch is durable there, acknowledges it (`ledger_ack.lua` trims each stream up to what was
+written; the trim is the checkpoint). A crash anywhere leaves each entry either acknowledged (it is
+in the sink) or still in Redis, to be written again: sinks are idempotent on the request id, or
+journal their last batch (`Sink.recent`), whose entries the next pass acknowledges without writing.
+
+Streams are split among instances by shard (a CRC32 of the stream's key modulo the shard count),
+and a shard is held by one instance at a time through a lock in Redis (`exporter_lock.lua`)
+refreshed before every acknowledgement; an instance that loses it stops before acknowledging.
+"""
+
+import asyncio
+import logging
+import time
+import uuid
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from metering.export.sink import Sink
+from metering.keys import PREFIX
+from metering.ledger import Acknowledger, LedgerEntry, ledger_streams, read_entries
+from metering.meter import RedisClient, load_script
+
+log = logging.getLogger("capgate.export")
+
+
+class ShardLost(Exception):
+    """Another instance holds the shard now: this one must not acknowledge."""
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """This instance's share of the users' streams: `index` of `count`."""
+
+    index: int = 0
+    count: int = 1
+
+    def owns(self, stream: str) -> bool:
+        return self.count == 1 or zlib.crc32(stream.encode()) % self.count == self.index
+
+    @property
+    def lock_key(self) -> str:
+        return f"{PREFIX}:exporter:shard:{self.index}/{self.count}"
+
+
+@dataclass(frozen=True, slots=True)
+class PassResult:
+    """What one pass did and saw: entries written and acknowledged, entries acknowledged without
+    writing (the sink's last batch, after a crash), streams of the shard with entries, entries left
+    in them before the pass, the oldest entry's time (ms), and whether a page was full (more
+    waits: the next pass starts at once)."""
+
+    exported: int
+    skipped: int
+    streams: int
+    backlog: int
+    oldest_ms: int | None
+    full: bool
+
+
+class Exporter:
+    def __init__(
+        self,
+        redis: RedisClient,
+        sink: Sink,
+        shard: Shard = Shard(),
+        *,
+        batch: int = 500,
+        lock_ttl_s: float = 30.0,
+        instance: str | None = None,
+    ) -> None:
+        self.redis = redis
+        self.sink = sink
+        self.shard = shard
+        self.batch = batch
+        self.lock_ttl_ms = int(lock_ttl_s * 1000)
+        self.instance = instance or uuid.uuid4().hex
+        self._lock = redis.register_script(load_script("exporter_lock"))
+        self._ack = Acknowledger(redis)
+
+    async def hold_shard(self) -> bool:
+        """Take or keep this instance's shard for `lock_ttl_s`; False when another holds it."""
+        return bool(await self._lock(keys=[self.shard.lock_key], args=[self.instance, self.lock_ttl_ms]))
+
+    async def release_shard(self) -> None:
+        """Give the shard up (at a clean stop), if this instance holds it."""
+        if await self.redis.get(self.shard.lock_key) in (self.instance, self.instance.encode()):
+            await self.redis.delete(self.shard.lock_key)
+
+    async def export_pass(self) -> PassResult:
+        """Export one page of every stream of the shard (see the module's docstring)."""
+        pending: list[LedgerEntry] = []
+        exported = skipped = streams = backlog = 0
+        oldest: int | None = None
+        full = False
+        async for stream in ledger_streams(self.redis):
+            if not self.shard.owns(stream):
+                continue
+            entries = await read_entries(self.redis, stream, self.batch)
+            if not entries:
+                continue
+            streams += 1
+            full = full or len(entries) == self.batch
+            backlog += await self.redis.xlen(stream) if len(entries) == self.batch else len(entries)
+            first = entries[0].order[0]
+            oldest = first if oldest is None else min(oldest, first)
+            pending += entries
+            if len(pending) >= self.batch:
+                done = await self._flush(pending)
+                exported, skipped = exported + done[0], skipped + done[1]
+                pending = []
+        if pending:
+            done = await self._flush(pending)
+            exported, skipped = exported + done[0], skipped + done[1]
+        return PassResult(exported, skipped, streams, backlog, oldest, full)
+
+    async def _flush(self, entries: list[LedgerEntry]) -> tuple[int, int]:
+        """Acknowledge what the sink's last batch already holds, write the rest, acknowledge it."""
+        recent = self.sink.recent
+        held = [entry for entry in entries if entry.key in recent]
+        fresh = [entry for entry in entries if entry.key not in recent]
+        await self._acknowledge(held)
+        await self.sink.write(fresh)
+        await self._acknowledge(fresh)
+        return len(fresh), len(held)
+
+    async def _acknowledge(self, entries: list[LedgerEntry]) -> None:
+        if not entries:
+            return
+        if not await self.hold_shard():
+            raise ShardLost(self.shard.lock_key)
+        last: dict[str, LedgerEntry] = {}
+        for entry in entries:
+            if entry.stream not in last or entry.order > last[entry.stream].order:
+                last[entry.stream] = entry
+        for stream, entry in last.items():
+            await self._ack(stream, entry.entry_id)
+
+    async def run(
+        self,
+        stop: asyncio.Event,
+        interval_s: float,
+        on_pass: Callable[[PassResult], None] = lambda _: None,
+        on_error: Callable[[BaseException], None] = lambda _: None,
+    ) -> None:
+        """Export until `stop` is set: a pass every `interval_s` (at once after a full page); an
+        error is logged and the pass tried again after `interval_s`."""
+        await self.sink.start()
+        try:
+            while not stop.is_set():
+                again = False
+                try:
+                    if await self.hold_shard():
+                        result = await self.export_pass()
+                        on_pass(result)
+                        again = result.full
+                    else:
+                        log.info("export shard %s is held by another instance", self.shard.lock_key)
+                except Exception as exc:
+                    log.warning("export pass failed: %r", exc)
+                    on_error(exc)
+                if not again:
+                    await _wait(stop, interval_s)
+        finally:
+            await self.sink.close()
+            try:
+                await self.release_shard()
+            except Exception as exc:
+                log.warning("export shard not released: %r", exc)
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        return
+
+
+def age_s(oldest_ms: int | None) -> float:
+    """How old the oldest entry waiting is, in seconds (0 when none waits)."""
+    return 0.0 if oldest_ms is None else max(0.0, time.time() - oldest_ms / 1000)

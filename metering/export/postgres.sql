@@ -1,0 +1,36 @@
+-- capgate's ledger in PostgreSQL: one row per request (the request id is the key), written by
+-- `capgate exporter` with the PostgreSQL sink. A late settlement after a reap replaces the
+-- reaper's row (the newer ledger entry wins).
+CREATE TABLE IF NOT EXISTS usage_events (
+    request_id        text PRIMARY KEY,
+    user_id           text NOT NULL,
+    team_id           text,
+    tier              text NOT NULL,
+    model             text NOT NULL,
+    prompt_tokens     bigint NOT NULL,
+    cached_tokens     bigint NOT NULL,
+    completion_tokens bigint NOT NULL,
+    value_nano        bigint NOT NULL,   -- what the request is worth, in 1e-9 of the policy's currency
+    finish_reason     text NOT NULL,
+    ttft_ms           double precision,  -- null when no token came
+    duration_ms       double precision NOT NULL,
+    settled_at        timestamptz NOT NULL,
+    ledger_ms         bigint NOT NULL,   -- the Redis ledger entry this row was exported from
+    ledger_seq        bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_events_user_time ON usage_events (user_id, settled_at);
+
+-- Usage per user, tier, model and day (UTC): what an invoice line is built from.
+CREATE OR REPLACE VIEW usage_daily AS
+SELECT user_id,
+       tier,
+       model,
+       (settled_at AT TIME ZONE 'UTC')::date AS day,
+       count(*)               AS requests,
+       sum(prompt_tokens)     AS prompt_tokens,
+       sum(cached_tokens)     AS cached_tokens,
+       sum(completion_tokens) AS completion_tokens,
+       sum(value_nano)        AS value_nano,
+       sum(value_nano) / 1e9  AS value
+FROM usage_events
+GROUP BY user_id, tier, model, (settled_at AT TIME ZONE 'UTC')::date;

@@ -1,0 +1,267 @@
+"""The ledger exporter against the real things: two capgate replicas in front of the session's
+vLLM, real Redis (and Redis Cluster), a real PostgreSQL, JSON Lines files, and `capgate exporter`
+SIGKILLed at random points while traffic flows. Every request ends as exactly one row or line,
+equal field by field to the event capgate settled, and Redis is left holding none of them."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from harness import RedisCluster, RedisServer, VllmServer, parse, sample_sum
+from harness.capgate_server import CapgateServer, replicas
+from harness.clients import openai_client
+from harness.exporter_process import ExporterProcess
+from harness.ledger import ledger
+from harness.policies import key_of, write_policy
+from harness.postgres_server import PostgresServer
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+USERS = [f"exp-{i}" for i in range(4)]
+PROMPT_NANO, COMPLETION_NANO = 2000, 8000  # nano-units per token: 2 and 8 USD per 1M
+TIERS = {
+    "paid": {
+        "priority": 0,
+        "fail_mode": "closed",
+        "caps": {"windows": [{"per": "month", "tokens": 10**9}], "count": ["prompt", "completion"]},
+        "prices": {"prompt": "2 USD/1M", "completion": "8 USD/1M"},
+    }
+}
+BEFORE, DURING = 40, 120  # requests settled before the exporter first runs, and while it is killed
+SEED = 20261205
+# vLLM, Redis, PostgreSQL, the replicas, the exporter and the load share the machine's cores.
+SLOW_REDIS = {"timeouts": {"redis_s": 2.0}}
+FAST = {"batch": 7, "interval_s": 0.05, "lock_ttl_s": 1.0}  # small batches: many crash points
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One request as its client saw it."""
+
+    request_id: str
+    user: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_policy(
+        tmp_path_factory.mktemp("export") / "policy.yaml", TIERS, dict.fromkeys(USERS, "paid")
+    )
+
+
+def traffic(gateways: list[CapgateServer], count: int, seed: int) -> list[Sent]:
+    """`count` chat completions with the openai SDK, four at a time, over both replicas."""
+    rng = random.Random(seed)
+    plan = [(gateways[i % 2].base_url, rng.choice(USERS), rng.randint(1, 8)) for i in range(count)]
+
+    def one(item: tuple[str, str, int]) -> Sent:
+        base_url, user, max_tokens = item
+        raw = openai_client(base_url, key_of(user)).chat.completions.with_raw_response.create(
+            model="tiny", messages=[{"role": "user", "content": "count"}], max_tokens=max_tokens
+        )
+        reply = raw.parse()
+        assert reply.usage is not None
+        return Sent(
+            raw.headers["x-request-id"],
+            user,
+            reply.usage.prompt_tokens,
+            reply.usage.completion_tokens,
+            reply.choices[0].finish_reason,
+        )
+
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(one, plan))
+
+
+def settled(gateway: CapgateServer, request_ids: set[str], timeout: float = 30.0) -> dict[str, dict]:
+    """The ledger events in Redis, by request id, once every one of `request_ids` is there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        events = {e["request_id"]: e for e in ledger(gateway)}
+        if request_ids <= set(events) or time.monotonic() > deadline:
+            return events
+        time.sleep(0.2)
+
+
+def crash_loop(exporter: ExporterProcess, busy: object, rng: random.Random) -> int:
+    """Start the exporter and SIGKILL it after a random time, again and again while `busy()`
+    (at least five times); return how many times it was killed."""
+    kills = 0
+    while busy() or kills < 5:  # type: ignore[operator]
+        exporter.start()
+        time.sleep(rng.uniform(0.3, 2.5))
+        exporter.kill()
+        kills += 1
+    return kills
+
+
+def assert_same_event(row: dict, event: dict) -> None:
+    """A sink's row equals the event capgate settled, field by field."""
+    for name in ("request_id", "user", "tier", "model", "finish_reason"):
+        assert str(row[name]) == event[name], (name, row, event)
+    for name in ("prompt_tokens", "cached_tokens", "completion_tokens", "value_nano", "ts_ms"):
+        assert int(row[name]) == int(event[name]), (name, row, event)
+    for name in ("ttft_ms", "duration_ms"):
+        expected = float(event[name]) if event[name] else None
+        assert row[name] == expected, (name, row, event)
+    assert row["entry_id"] == event["entry_id"], (row, event)
+
+
+def assert_as_sent(row: dict, sent: Sent) -> None:
+    """A sink's row bills what the client was told it used, at the tier's prices."""
+    assert (row["user"], row["tier"], row["model"]) == (sent.user, "paid", "tiny")
+    assert (int(row["prompt_tokens"]), int(row["completion_tokens"])) == (
+        sent.prompt_tokens,
+        sent.completion_tokens,
+    )
+    assert row["finish_reason"] == sent.finish_reason
+    value = sent.prompt_tokens * PROMPT_NANO + sent.completion_tokens * COMPLETION_NANO
+    assert int(row["value_nano"]) == value
+
+
+def postgres_rows(postgres: PostgresServer) -> list[dict]:
+    text = postgres.query(
+        "SELECT row_to_json(t) FROM (SELECT request_id, user_id AS user, tier, model, prompt_tokens,"
+        " cached_tokens, completion_tokens, value_nano, finish_reason, ttft_ms, duration_ms,"
+        " (extract(epoch FROM settled_at) * 1000)::bigint AS ts_ms,"
+        " ledger_ms || '-' || ledger_seq AS entry_id FROM usage_events) t"
+    )
+    return [json.loads(line) for line in text.splitlines() if line]
+
+
+def jsonl_rows(directory: Path) -> list[dict]:
+    files = sorted(directory.glob("*.jsonl"))
+    return [json.loads(line) for path in files for line in path.read_text().splitlines()]
+
+
+def export_and_check(gateways: list[CapgateServer], exporter: ExporterProcess, sink_rows: object) -> None:
+    """Traffic before the exporter runs, then while it is killed again and again, then the
+    exporter left to finish: the sink holds each request once, as capgate settled it."""
+
+    def rows() -> list[dict]:
+        return [row for row in sink_rows() if row["user"] in USERS]  # type: ignore[operator]
+
+    before = traffic(gateways, BEFORE, SEED)
+    events = settled(gateways[0], {s.request_id for s in before})
+    assert len(events) == BEFORE
+    rng = random.Random(SEED)
+    with ThreadPoolExecutor(1) as pool:
+        during_f = pool.submit(traffic, gateways, DURING, SEED + 1)
+        kills = crash_loop(exporter, lambda: not during_f.done(), rng)
+        during = during_f.result()
+    sent = {s.request_id: s for s in before + during}
+    assert len(sent) == BEFORE + DURING
+    exporter.start()
+    deadline = time.monotonic() + 60
+    while ledger(gateways[0]) or len(rows()) < len(sent) or backlog(exporter) != 0:
+        assert time.monotonic() < deadline, f"not all exported:\n{exporter.log_text()[-3000:]}"
+        time.sleep(0.2)
+    exporter.stop()
+    written = rows()
+    print(f"\nexporter killed {kills} times; {len(written)} rows for {len(sent)} requests")
+    ids = [row["request_id"] for row in written]
+    assert len(ids) == len(set(ids)), "an event was written twice"
+    assert set(ids) == set(sent), "an event is missing, or one no request made"
+    by_id = {row["request_id"]: row for row in written}
+    for request_id, event in events.items():
+        assert_same_event(by_id[request_id], event)
+    for request_id, one in sent.items():
+        assert_as_sent(by_id[request_id], one)
+
+
+def backlog(exporter: ExporterProcess) -> float | None:
+    """The exporter's backlog gauge (None while it does not answer)."""
+    try:
+        text = httpx.get(exporter.metrics_url, timeout=5).text
+    except httpx.HTTPError:
+        return None
+    return sample_sum(parse(text), "capgate_ledger_backlog_events")
+
+
+@pytest.fixture(scope="module")
+def on_redis(
+    tmp_path_factory: pytest.TempPathFactory, vllm_server: VllmServer, redis_server: RedisServer, policy: Path
+) -> Iterator[list[CapgateServer]]:
+    with replicas(
+        tmp_path_factory.mktemp("export-redis"),
+        ("a", "b"),
+        [vllm_server.base_url],
+        redis_server.url,
+        policy,
+        SLOW_REDIS,
+    ) as servers:
+        yield servers
+
+
+@pytest.fixture(scope="module")
+def on_cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+    vllm_server: VllmServer,
+    redis_cluster: RedisCluster,
+    policy: Path,
+) -> Iterator[list[CapgateServer]]:
+    with replicas(
+        tmp_path_factory.mktemp("export-cluster"),
+        ("a", "b"),
+        [vllm_server.base_url],
+        redis_cluster.url,
+        policy,
+        {"redis_cluster": True, **SLOW_REDIS},
+    ) as servers:
+        yield servers
+
+
+def test_postgres_gets_every_event_once_though_the_exporter_is_killed_at_random(
+    on_redis: list[CapgateServer], redis_server: RedisServer, postgres: PostgresServer, tmp_path: Path
+) -> None:
+    postgres.query("DROP TABLE IF EXISTS usage_events CASCADE")
+    sink = {"kind": "postgres", "dsn": postgres.dsn}
+    exporter = ExporterProcess(tmp_path, redis_server.url, sink, **FAST)
+    try:
+        export_and_check(on_redis, exporter, lambda: postgres_rows(postgres))
+    finally:
+        exporter.stop()
+
+
+def test_jsonl_files_get_every_event_once_though_the_exporter_is_killed_at_random(
+    on_redis: list[CapgateServer], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Files cannot deduplicate: exactly once rests on the journal (the tail of a batch that never
+    committed is cut, the last committed batch is not written again)."""
+    out = tmp_path / "ledger"
+    sink = {"kind": "jsonl", "dir": str(out), "rotate_bytes": 4096}
+    exporter = ExporterProcess(tmp_path, redis_server.url, sink, **FAST)
+    try:
+        export_and_check(on_redis, exporter, lambda: jsonl_rows(out))
+    finally:
+        exporter.stop()
+    assert len(list(out.glob("*.jsonl"))) > 1, "rotated by size"
+
+
+def test_postgres_gets_every_event_once_on_redis_cluster(
+    on_cluster: list[CapgateServer], redis_cluster: RedisCluster, postgres: PostgresServer, tmp_path: Path
+) -> None:
+    postgres.query("DROP TABLE IF EXISTS usage_events CASCADE")
+    sink = {"kind": "postgres", "dsn": postgres.dsn}
+    exporter = ExporterProcess(tmp_path, redis_cluster.url, sink, cluster=True, **FAST)
+    try:
+        export_and_check(on_cluster, exporter, lambda: postgres_rows(postgres))
+    finally:
+        exporter.stop()

@@ -5,7 +5,8 @@ One pass reads a page of every stream of its shard, writes the pages to the sink
 once a batch is durable there, acknowledges it (`ledger_ack.lua` trims each stream up to what was
 written; the trim is the checkpoint). A crash anywhere leaves each entry either acknowledged (it is
 in the sink) or still in Redis, to be written again: sinks are idempotent on the request id, or
-journal their last batch (`Sink.recent`), whose entries the next pass acknowledges without writing.
+journal their last batch (`Sink.recent`), which a restarted exporter acknowledges before it writes
+anything.
 
 Streams are split among instances by shard (a CRC32 of the stream's key modulo the shard count),
 and a shard is held by one instance at a time through a lock in Redis (`exporter_lock.lua`)
@@ -50,9 +51,9 @@ class Shard:
 @dataclass(frozen=True, slots=True)
 class PassResult:
     """What one pass did and saw: entries written and acknowledged, entries acknowledged without
-    writing (the sink's last batch, after a crash), streams of the shard with entries, entries left
-    in them before the pass, the oldest entry's time (ms), and whether a page was full (more
-    waits: the next pass starts at once)."""
+    writing (the sink's last batch, at the first pass after a start), streams of the shard with
+    entries, entries left in them before the pass, the oldest entry's time (ms), and whether a
+    page was full (more waits: the next pass starts at once)."""
 
     exported: int
     skipped: int
@@ -81,6 +82,7 @@ class Exporter:
         self.instance = instance or uuid.uuid4().hex
         self._lock = redis.register_script(load_script("exporter_lock"))
         self._ack = Acknowledger(redis)
+        self._recovered = False
 
     async def hold_shard(self) -> bool:
         """Take or keep this instance's shard for `lock_ttl_s`; False when another holds it."""
@@ -93,8 +95,9 @@ class Exporter:
 
     async def export_pass(self) -> PassResult:
         """Export one page of every stream of the shard (see the module's docstring)."""
+        skipped = await self._recover()
         pending: list[LedgerEntry] = []
-        exported = skipped = streams = backlog = 0
+        exported = streams = backlog = 0
         oldest: int | None = None
         full = False
         async for stream in ledger_streams(self.redis):
@@ -110,23 +113,30 @@ class Exporter:
             oldest = first if oldest is None else min(oldest, first)
             pending += entries
             if len(pending) >= self.batch:
-                done = await self._flush(pending)
-                exported, skipped = exported + done[0], skipped + done[1]
+                exported += await self._flush(pending)
                 pending = []
-        if pending:
-            done = await self._flush(pending)
-            exported, skipped = exported + done[0], skipped + done[1]
+        exported += await self._flush(pending)
         return PassResult(exported, skipped, streams, backlog, oldest, full)
 
-    async def _flush(self, entries: list[LedgerEntry]) -> tuple[int, int]:
-        """Acknowledge what the sink's last batch already holds, write the rest, acknowledge it."""
-        recent = self.sink.recent
-        held = [entry for entry in entries if entry.key in recent]
-        fresh = [entry for entry in entries if entry.key not in recent]
+    async def _recover(self) -> int:
+        """Once, before anything else is written: acknowledge the sink's last batch (`recent`),
+        which a crash may have cut off before its acknowledgement. A batch took the oldest
+        entries of each of its streams, so acknowledging up to its newest one per stream drops
+        exactly what the sink holds."""
+        if self._recovered:
+            return 0
+        held = [LedgerEntry(*key.rsplit(" ", 1), {}) for key in self.sink.recent]
         await self._acknowledge(held)
-        await self.sink.write(fresh)
-        await self._acknowledge(fresh)
-        return len(fresh), len(held)
+        self._recovered = True
+        return len(held)
+
+    async def _flush(self, entries: list[LedgerEntry]) -> int:
+        """Write `entries` to the sink and, once they are durable there, acknowledge them."""
+        if not entries:
+            return 0
+        await self.sink.write(entries)
+        await self._acknowledge(entries)
+        return len(entries)
 
     async def _acknowledge(self, entries: list[LedgerEntry]) -> None:
         if not entries:

@@ -11,8 +11,8 @@ class Sink(Protocol):
 
     `write` returns only once the entries are durable there, and writing an entry again (after a
     crash before its acknowledgement in Redis) leaves one copy: the sink is idempotent on the
-    request id, or remembers the keys of the last batch it took (`recent`) so that the exporter
-    skips them.
+    request id, or remembers the keys of the last batch it took (`recent`, the `LedgerEntry.key`s)
+    so that a restarted exporter acknowledges them before writing anything.
     """
 
     recent: frozenset[str]

@@ -22,6 +22,7 @@ from harness.exporter_process import ExporterProcess
 from harness.ledger import ledger
 from harness.policies import key_of, write_policy
 from harness.postgres_server import PostgresServer
+from harness.webhook_receiver import WebhookReceiver
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -265,3 +266,49 @@ def test_postgres_gets_every_event_once_on_redis_cluster(
         export_and_check(on_cluster, exporter, lambda: postgres_rows(postgres))
     finally:
         exporter.stop()
+
+
+def test_a_webhook_receiver_down_for_a_minute_gets_every_event_once_signed(
+    on_redis: list[CapgateServer], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The HTTP sink: batched CloudEvents with a valid signature, each request's event once; a
+    receiver refusing (503) or down for a minute makes the exporter retry, and loses nothing."""
+    secret = "a-secret-of-thirty-two-bytes-abc"
+    receiver = WebhookReceiver(secret.encode())
+    receiver.start()
+    sink = {"kind": "http", "url": receiver.url, "secret": secret, "max_backoff_s": 5.0,
+            "state_dir": str(tmp_path / "state")}  # fmt: skip
+    exporter = ExporterProcess(tmp_path, redis_server.url, sink, batch=7, interval_s=0.05)
+    try:
+        exporter.start()
+        receiver.refuse = 3
+        first = traffic(on_redis, 30, SEED + 2)
+        wait_until(lambda: {s.request_id for s in first} <= set(receiver.ids()), 60, exporter)
+        receiver.stop()
+        down = time.monotonic()
+        second = traffic(on_redis, 30, SEED + 3)
+        time.sleep(max(0.0, 60 - (time.monotonic() - down)))
+        assert not {s.request_id for s in second} & set(receiver.ids())
+        receiver.start()
+        wait_until(lambda: {s.request_id for s in second} <= set(receiver.ids()), 60, exporter)
+    finally:
+        exporter.stop()
+        receiver.stop()
+    sent = {s.request_id: s for s in first + second}
+    ours = [event for event in receiver.events if event["subject"] in USERS]
+    ids = [event["id"] for event in ours]
+    assert len(ids) == len(set(ids)) == len(sent), "each request's event once"
+    assert set(ids) == set(sent)
+    assert receiver.bad_signatures == 0
+    for event in ours:
+        assert event["specversion"] == "1.0" and event["type"] == "dev.capgate.usage"
+        assert event["subject"] == event["data"]["user"] and event["time"].endswith("Z")
+        assert_as_sent(event["data"], sent[event["id"]])
+    assert "retrying" in exporter.log_text()
+
+
+def wait_until(done: object, timeout: float, exporter: ExporterProcess) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():  # type: ignore[operator]
+        assert time.monotonic() < deadline, exporter.log_text()[-3000:]
+        time.sleep(0.2)

@@ -1,0 +1,130 @@
+"""The exporter's exactly-once, by fault injection against a real Redis: a crash (an exception
+that ends the exporter, whose state is then dropped) before the sink writes, after the data is
+durable but before its journal, after the journal but before any acknowledgement, or between two
+streams' acknowledgements, any number of times while events keep coming: the files end with every
+event once, and Redis with none."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+from harness import RedisServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redis.asyncio import Redis
+
+from metering.export import jsonl as jsonl_module
+from metering.export.exporter import Exporter
+from metering.export.jsonl import JsonlSink
+from metering.ledger import Acknowledger
+
+pytestmark = pytest.mark.integration
+POINTS = ("before_write", "after_data", "after_journal", "between_acks")
+
+
+class Crash(Exception):
+    """The process died here."""
+
+
+def arm(monkeypatch: pytest.MonkeyPatch, point: str) -> None:
+    """Make the next export crash at `point` (once)."""
+    armed = {"on": True}
+
+    def once() -> None:
+        if armed["on"]:
+            armed["on"] = False
+            raise Crash(point)
+
+    if point == "before_write":
+        real_write = JsonlSink.write
+
+        async def write(self, entries):  # type: ignore[no-untyped-def]
+            if entries:
+                once()
+            await real_write(self, entries)
+
+        monkeypatch.setattr(JsonlSink, "write", write)
+    elif point in ("after_data", "after_journal"):
+        real = jsonl_module.Journal.write
+
+        def journal_write(self, state):  # type: ignore[no-untyped-def]
+            if point == "after_journal":
+                real(self, state)
+            once()
+            if point == "after_data":
+                real(self, state)
+
+        monkeypatch.setattr(jsonl_module.Journal, "write", journal_write)
+    else:
+        real_ack = Acknowledger.__call__
+        calls = {"n": 0}
+
+        async def ack(self, stream, entry_id):  # type: ignore[no-untyped-def]
+            calls["n"] += 1
+            if calls["n"] == 2:
+                once()
+            return await real_ack(self, stream, entry_id)
+
+        monkeypatch.setattr(Acknowledger, "__call__", ack)
+
+
+async def add_events(redis: Redis, users: list[str], count: int, start: int) -> list[str]:
+    ids = []
+    for n in range(start, start + count):
+        user = users[n % len(users)]
+        rid = f"{user}-r{n}"
+        await redis.xadd(
+            f"cg:{{u:{user}}}:ledger",
+            {"request_id": rid, "user": user, "tier": "t", "model": "m", "prompt_tokens": n,
+             "cached_tokens": 0, "completion_tokens": 1, "value_nano": n, "finish_reason": "stop",
+             "ttft_ms": "", "duration_ms": "1.000", "ts_ms": n},
+        )  # fmt: skip
+        ids.append(rid)
+    return ids
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(crashes=st.lists(st.sampled_from(POINTS), max_size=6), batch=st.integers(1, 9))
+def test_every_event_reaches_the_files_once_whatever_the_crashes(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory, crashes: list[str], batch: int
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    users = [f"f{run}-{i}" for i in range(3)]
+    out = tmp_path_factory.mktemp("faults")
+
+    async def scenario() -> list[str]:
+        redis = Redis.from_url(redis_server.url)
+        sent: list[str] = []
+        try:
+            for crash in [*crashes, None]:
+                sent += await add_events(redis, users, 5, len(sent))
+                with pytest.MonkeyPatch.context() as monkeypatch:
+                    if crash is not None:
+                        arm(monkeypatch, crash)
+                    sink = JsonlSink(out, "0-of-1", rotate_bytes=700)
+                    exporter = Exporter(redis, sink, batch=batch, instance=f"i-{run}")
+                    await sink.start()
+                    try:
+                        while (await exporter.export_pass()).streams:
+                            pass
+                    except Crash:
+                        continue
+            left = sum([await redis.xlen(f"cg:{{u:{u}}}:ledger") for u in users])
+            assert left == 0, "Redis still holds exported events"
+            await exporter.release_shard()
+        finally:
+            await redis.aclose()
+        return sent
+
+    sent = asyncio.run(scenario())
+    written = [
+        json.loads(line)["request_id"]
+        for path in sorted(Path(out).glob("*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
+    ours = [rid for rid in written if rid.startswith(f"f{run}")]
+    assert sorted(ours) == sorted(sent), f"crashes {crashes}: missing or twice"

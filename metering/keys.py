@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 PREFIX = "cg"
 LEDGER_PATTERN = f"{PREFIX}:{{[ut]:*:ledger"
+NOTICES_PATTERN = f"{PREFIX}:{{[ut]:*:notices"
 LIVE_PATTERN = f"{PREFIX}:{{[ut]:*:live"
 TOTALS_PATTERN = f"{PREFIX}:{{[ut]:*:totals"
 _USER_KEY = re.compile(r"^cg:\{(?:u:(?P<solo>[^}]+)\}|t:(?P<team>[^}]+)\}:u:(?P<member>[^:]+)):")
@@ -74,6 +75,11 @@ class UserKeys:
     @property
     def ledger(self) -> str:
         return f"{self._base}:ledger"
+
+    @property
+    def notices(self) -> str:
+        """The user's threshold notifications waiting for delivery (a stream)."""
+        return f"{self._base}:notices"
 
     @property
     def settled(self) -> str:

@@ -16,6 +16,7 @@ from metering.meter import RedisClient, decoded, load_script
 
 INT_FIELDS = ("prompt_tokens", "cached_tokens", "completion_tokens", "value_nano", "ts_ms")
 FLOAT_FIELDS = ("ttft_ms", "duration_ms")
+NOTICE_INT_FIELDS = ("cap", "used", "period", "ts_ms")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,18 +38,39 @@ class LedgerEntry:
         ms, _, seq = self.entry_id.partition("-")
         return int(ms), int(seq or 0)
 
+    @property
+    def is_notice(self) -> bool:
+        """Whether this is a threshold notification rather than a request's usage."""
+        return self.fields.get("kind") == "threshold"
+
     def record(self) -> dict[str, object]:
         """The event with typed values, its user and team (from the stream's key) and its entry
-        id: what every sink writes."""
+        id: what every sink writes. A threshold notification has `kind: threshold` and an `id`
+        unique to its window, threshold and period."""
         owner = user_keys_of(self.stream)
         out: dict[str, object] = dict(self.fields)
         out["user"] = self.fields.get("user") or owner.user_id
         out["team"] = owner.team
-        for name in INT_FIELDS:
-            out[name] = int(self.fields.get(name) or 0)
-        for name in FLOAT_FIELDS:
-            text = self.fields.get(name) or ""
-            out[name] = float(text) if text else None
+        if self.is_notice:
+            for name in NOTICE_INT_FIELDS:
+                out[name] = int(self.fields.get(name) or 0)
+            out["share"] = int(self.fields["share"]) / 1000
+            scope = self.fields.get("scope", "user")
+            whose = f"team:{owner.team}" if scope == "team" else f"user:{out['user']}"
+            parts = (
+                whose,
+                self.fields.get("window"),
+                self.fields.get("unit"),
+                self.fields["share"],
+                out["period"],
+            )
+            out["id"] = ":".join(str(p) for p in parts)
+        else:
+            for name in INT_FIELDS:
+                out[name] = int(self.fields.get(name) or 0)
+            for name in FLOAT_FIELDS:
+                text = self.fields.get(name) or ""
+                out[name] = float(text) if text else None
         out["entry_id"] = self.entry_id
         return out
 
@@ -60,11 +82,14 @@ def _entries(stream: str, reply: list) -> list[LedgerEntry]:
     ]
 
 
-async def ledger_streams(redis: RedisClient, count: int = 1000) -> AsyncIterator[str]:
-    """Every user's ledger stream (a SCAN of every node; a stream exported to its end is deleted,
-    so this finds the users with events waiting, and each key once per call)."""
+async def ledger_streams(
+    redis: RedisClient, pattern: str = LEDGER_PATTERN, count: int = 1000
+) -> AsyncIterator[str]:
+    """Every user's ledger stream, or their notices with NOTICES_PATTERN (a SCAN of every node;
+    a stream exported to its end is deleted, so this finds the users with events waiting, and
+    each key once per call)."""
     seen: set[str] = set()
-    async for key in redis.scan_iter(match=LEDGER_PATTERN, count=count):
+    async for key in redis.scan_iter(match=pattern, count=count):
         name = decoded(key)
         if name not in seen:
             seen.add(name)

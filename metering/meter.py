@@ -28,7 +28,7 @@ from metering.keys import (
     waiting_key,
 )
 from metering.pipeline import ReplyError, ScriptConnection
-from metering.windows import Counter, Scope, counters_of
+from metering.windows import ROLLING_BUCKETS, Counter, Scope, counters_of
 from policies.money import nano_to_decimal
 from policies.pricing import Rates
 from policies.schema import Tier
@@ -312,10 +312,20 @@ class Meter:
         fields = event.ledger_fields()
         slot_args: list[int] = []
         for counter in counters:
-            slot_args += [counter.slot.current, counter.slot.ttl_s, int(counter.spend)]
+            slot = counter.slot
+            spacing = 1 if slot.bucket_s is None else ROLLING_BUCKETS
+            slot_args += [
+                slot.current,
+                slot.ttl_s,
+                int(counter.spend),
+                slot.lo,
+                spacing,
+                slot.cap,
+                int(counter.team),
+            ]
         reply = await self._run(
             self._settle,
-            keys.fixed() + [c.key for c in counters],
+            [*keys.fixed(), keys.notices, *(c.key for c in counters)],
             [
                 event.request_id,
                 now_ms,
@@ -327,6 +337,9 @@ class Meter:
                 event.tier,
                 len(fields) // 2,
                 *fields,
+                len(scope.notify_at),
+                *scope.notify_at,
+                *(c.slot.name for c in counters),
                 *slot_args,
             ],
         )

@@ -48,6 +48,7 @@ class SpooledSettlement:
             "windows": [w.model_dump(mode="json") for w in scope.windows],
             "team": scope.team,
             "team_windows": [w.model_dump(mode="json") for w in scope.team_windows],
+            "notify_at": list(scope.notify_at),
         }
         return (json.dumps(data, separators=(",", ":")) + "\n").encode()
 
@@ -57,7 +58,11 @@ class SpooledSettlement:
         data = json.loads(line)
         event = UsageEvent(**data["event"])
         scope = Scope(
-            event.user, _windows(data["windows"]), data.get("team"), _windows(data.get("team_windows", []))
+            event.user,
+            _windows(data["windows"]),
+            data.get("team"),
+            _windows(data.get("team_windows", [])),
+            tuple(data.get("notify_at", [])),
         )
         return cls(event, scope)
 

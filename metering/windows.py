@@ -86,12 +86,14 @@ class Scope:
     windows: tuple[Window, ...] = ()
     team: str | None = None
     team_windows: tuple[Window, ...] = ()
+    notify_at: tuple[int, ...] = ()  # the tier's `notify_at` shares, in thousandths
 
     @classmethod
     def of(cls, principal: Principal) -> "Scope":
         """The scope of a principal's requests: their tier's windows and their team's."""
-        windows = tuple(principal.tier.caps.windows)
-        return cls(principal.user_id, windows, principal.team, principal.team_windows)
+        caps = principal.tier.caps
+        notify = tuple(sorted(round(share * 1000) for share in caps.notify_at))
+        return cls(principal.user_id, tuple(caps.windows), principal.team, principal.team_windows, notify)
 
     @property
     def keys(self) -> UserKeys:

@@ -126,6 +126,18 @@ class Caps(_Strict):
     per_request: Annotated[int, Field(gt=0)] | None = None
     windows: Windows = []
     count: list[TokenType] = ["prompt", "completion"]
+    # Shares of a window's cap (0 < share <= 1) at which a user hears that their committed usage
+    # (settled, not held) crossed it: one notification per share per window period, for each of
+    # the tier's windows and the user's team's.
+    notify_at: list[Annotated[float, Field(gt=0, le=1)]] = []
+
+    @model_validator(mode="after")
+    def _distinct_thresholds(self) -> "Caps":
+        if len(set(self.notify_at)) != len(self.notify_at):
+            raise ValueError("notify_at lists a share twice")
+        if self.notify_at and not self.windows:
+            raise ValueError("notify_at needs windows to notify about")
+        return self
 
 
 class ModelPrices(_Strict):

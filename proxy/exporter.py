@@ -4,6 +4,7 @@ settings name, its Prometheus metrics, and a clean stop on SIGTERM or SIGINT."""
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge, start_http_server
@@ -27,6 +28,7 @@ SKIPPED = Counter(
 ERRORS = Counter("capgate_ledger_export_errors_total", "Export passes that failed (retried)")
 BACKLOG = Gauge("capgate_ledger_backlog_events", "Ledger events in Redis waiting for export, this shard")
 OLDEST = Gauge("capgate_ledger_backlog_oldest_seconds", "Age of the oldest ledger event waiting, this shard")
+NOTICES = Counter("capgate_notifications_sent_total", "Threshold notifications taken by the receiver")
 MAX_BACKLOG = Gauge("capgate_ledger_backlog_max_events", "exporter.max_backlog: the backlog alert's bound")
 
 
@@ -48,6 +50,10 @@ def build_sink(settings: config.Exporter, instance: str) -> Sink:
     )
 
 
+def _observe_notices(result: PassResult) -> None:
+    NOTICES.inc(result.exported)
+
+
 def _observe(result: PassResult) -> None:
     EXPORTED.inc(result.exported)
     SKIPPED.inc(result.skipped)
@@ -56,14 +62,27 @@ def _observe(result: PassResult) -> None:
 
 
 async def run_exporter(settings: config.Settings) -> None:
-    """Run until SIGTERM or SIGINT. The instance name is the shard's, so that a restarted
-    exporter finds its own journal (one process per shard: the lock in Redis keeps it so)."""
+    """Run until SIGTERM or SIGINT: the ledger's exporter and, with `exporter.notify`, the
+    notifications'. The instance name is the shard's, so that a restarted exporter finds its own
+    journal (one process per shard: the lock in Redis keeps it so)."""
     ex = settings.exporter
     instance = f"{ex.shard}-of-{ex.shards}"
     redis = redis_client(settings)
-    exporter = Exporter(
-        redis, build_sink(ex, instance), Shard(ex.shard, ex.shards), batch=ex.batch, lock_ttl_s=ex.lock_ttl_s
-    )
+    shard = Shard(ex.shard, ex.shards)
+    ledger = Exporter(redis, build_sink(ex, instance), shard, batch=ex.batch, lock_ttl_s=ex.lock_ttl_s)
+    exporters: list[tuple[Exporter, Callable[[PassResult], None]]] = [(ledger, _observe)]
+    if ex.notify is not None:
+        notify = ex.notify
+        sink = HttpSink(
+            notify.url,
+            notify.secret.encode(),
+            timeout_s=notify.timeout_s,
+            max_backoff_s=notify.max_backoff_s,
+            state_dir=Path(notify.state_dir) if notify.state_dir else None,
+            instance=f"notices-{instance}",
+        )
+        notices = Exporter(redis, sink, shard, batch=ex.batch, lock_ttl_s=ex.lock_ttl_s, notices=True)
+        exporters.append((notices, _observe_notices))
     MAX_BACKLOG.set(ex.max_backlog)
     if ex.metrics_port:
         start_http_server(ex.metrics_port, addr=ex.metrics_host)
@@ -73,6 +92,11 @@ async def run_exporter(settings: config.Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     log.info("exporting the ledger of shard %s/%s to %s", ex.shard, ex.shards, ex.sink.kind)
     try:
-        await exporter.run(stop, ex.interval_s, _observe, lambda _: ERRORS.inc())
+        await asyncio.gather(
+            *(
+                exporter.run(stop, ex.interval_s, observe, lambda _: ERRORS.inc())
+                for exporter, observe in exporters
+            )
+        )
     finally:
         await redis.aclose()

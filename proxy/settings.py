@@ -119,6 +119,17 @@ class HttpSink(_Section):
     state_dir: str | None = ".run/export"
 
 
+class Notify(_Section):
+    """Where threshold notifications (a tier's `caps.notify_at`) are POSTed, as the HTTP sink
+    sends the ledger: batched, signed CloudEvents, retried until taken."""
+
+    url: Annotated[str, Field(pattern=r"^https?://")]
+    secret: Annotated[str, Field(min_length=16)]
+    timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    max_backoff_s: Annotated[float, Field(gt=0)] = 30.0
+    state_dir: str | None = ".run/export"
+
+
 class Exporter(_Section):
     """`capgate exporter`: the ledger moved from Redis into a sink exactly once, then trimmed."""
 
@@ -126,6 +137,7 @@ class Exporter(_Section):
         kind="jsonl"
     )
     # Several instances split the users' streams: each runs with its own `shard` of `shards`.
+    notify: Notify | None = None
     shard: Annotated[int, Field(ge=0)] = 0
     shards: Annotated[int, Field(gt=0)] = 1
     batch: Annotated[int, Field(gt=0, le=10_000)] = 500

@@ -8,6 +8,9 @@ in the sink) or still in Redis, to be written again: sinks are idempotent on the
 journal their last batch (`Sink.recent`), which a restarted exporter acknowledges before it writes
 anything.
 
+With `notices`, an exporter moves the users' threshold notifications (`cg:{...}:notices`, written
+by settle.lua next to their copy in the ledger) the same way, to the notification receiver.
+
 Streams are split among instances by shard (a CRC32 of the stream's key modulo the shard count),
 and a shard is held by one instance at a time through a lock in Redis (`exporter_lock.lua`)
 refreshed before every acknowledgement; an instance that loses it stops before acknowledging.
@@ -22,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from metering.export.sink import Sink
-from metering.keys import PREFIX
+from metering.keys import LEDGER_PATTERN, NOTICES_PATTERN, PREFIX
 from metering.ledger import Acknowledger, LedgerEntry, ledger_streams, read_entries
 from metering.meter import RedisClient, load_script
 
@@ -43,9 +46,9 @@ class Shard:
     def owns(self, stream: str) -> bool:
         return self.count == 1 or zlib.crc32(stream.encode()) % self.count == self.index
 
-    @property
-    def lock_key(self) -> str:
-        return f"{PREFIX}:exporter:shard:{self.index}/{self.count}"
+    def lock_key(self, what: str) -> str:
+        """The lock of this shard of the `what` streams (`ledger` or `notices`)."""
+        return f"{PREFIX}:exporter:{what}:{self.index}/{self.count}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +76,13 @@ class Exporter:
         batch: int = 500,
         lock_ttl_s: float = 30.0,
         instance: str | None = None,
+        notices: bool = False,
     ) -> None:
         self.redis = redis
         self.sink = sink
         self.shard = shard
+        self.pattern = NOTICES_PATTERN if notices else LEDGER_PATTERN
+        self.lock_key = shard.lock_key("notices" if notices else "ledger")
         self.batch = batch
         self.lock_ttl_ms = int(lock_ttl_s * 1000)
         self.instance = instance or uuid.uuid4().hex
@@ -86,12 +92,12 @@ class Exporter:
 
     async def hold_shard(self) -> bool:
         """Take or keep this instance's shard for `lock_ttl_s`; False when another holds it."""
-        return bool(await self._lock(keys=[self.shard.lock_key], args=[self.instance, self.lock_ttl_ms]))
+        return bool(await self._lock(keys=[self.lock_key], args=[self.instance, self.lock_ttl_ms]))
 
     async def release_shard(self) -> None:
         """Give the shard up (at a clean stop), if this instance holds it."""
-        if await self.redis.get(self.shard.lock_key) in (self.instance, self.instance.encode()):
-            await self.redis.delete(self.shard.lock_key)
+        if await self.redis.get(self.lock_key) in (self.instance, self.instance.encode()):
+            await self.redis.delete(self.lock_key)
 
     async def export_pass(self) -> PassResult:
         """Export one page of every stream of the shard (see the module's docstring)."""
@@ -100,7 +106,7 @@ class Exporter:
         exported = streams = backlog = 0
         oldest: int | None = None
         full = False
-        async for stream in ledger_streams(self.redis):
+        async for stream in ledger_streams(self.redis, self.pattern):
             if not self.shard.owns(stream):
                 continue
             entries = await read_entries(self.redis, stream, self.batch)
@@ -142,7 +148,7 @@ class Exporter:
         if not entries:
             return
         if not await self.hold_shard():
-            raise ShardLost(self.shard.lock_key)
+            raise ShardLost(self.lock_key)
         last: dict[str, LedgerEntry] = {}
         for entry in entries:
             if entry.stream not in last or entry.order > last[entry.stream].order:
@@ -169,7 +175,7 @@ class Exporter:
                         on_pass(result)
                         again = result.full
                     else:
-                        log.info("export shard %s is held by another instance", self.shard.lock_key)
+                        log.info("export shard %s is held by another instance", self.lock_key)
                 except Exception as exc:
                     log.warning("export pass failed: %r", exc)
                     on_error(exc)

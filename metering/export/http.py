@@ -1,13 +1,14 @@
 """The HTTP sink: each batch POSTed as CloudEvents in batched mode
 (`application/cloudevents-batch+json`), signed, and sent again with backoff until a 2xx.
 
-An event's id is its request id (a late settlement that replaces a reaper's event: the request id,
-`/`, its entry id), `subject` its user, `time` its settlement; receivers deduplicate on the id,
-as the CloudEvents spec asks. The signature header `Capgate-Signature: t=<unix s>,v1=<hex>` is the
-HMAC-SHA256, keyed by the shared secret, of `<t>.<body>`: a receiver recomputes it and refuses an
-old `t` (a replay). The journal (when `state_dir` is set) remembers the last batch a receiver
-acknowledged, so that a crash before the exporter's acknowledgement in Redis sends it no event
-again.
+A usage event's id is its request id (a late settlement that replaces a reaper's event: the request
+id, `/`, its entry id), a threshold notification's its `id` (whose window, which, the threshold,
+the period: `user:alice:month:tokens:800:24311`); `subject` is the user, `time` the settlement;
+receivers deduplicate on the id, as the CloudEvents spec asks. The signature header
+`Capgate-Signature: t=<unix s>,v1=<hex>` is the HMAC-SHA256, keyed by the shared secret, of
+`<t>.<body>`: a receiver recomputes it and refuses an old `t` (a replay). The journal (when
+`state_dir` is set) remembers the last batch a receiver acknowledged, so that a crash before the
+exporter's acknowledgement in Redis sends it no event again.
 """
 
 import asyncio
@@ -29,20 +30,24 @@ log = logging.getLogger("capgate.export")
 CONTENT_TYPE = "application/cloudevents-batch+json"
 SIGNATURE_HEADER = "Capgate-Signature"
 EVENT_TYPE = "dev.capgate.usage"
+NOTICE_TYPE = "dev.capgate.threshold"
 
 
 def cloud_event(entry: LedgerEntry, source: str) -> dict:
     """One ledger entry as a structured CloudEvent (spec 1.0)."""
     record = entry.record()
-    event_id = str(record["request_id"])
-    if record.get("replaces"):
-        event_id = f"{event_id}/{entry.entry_id}"
+    if entry.is_notice:
+        event_id, kind = str(record["id"]), NOTICE_TYPE
+    else:
+        event_id, kind = str(record["request_id"]), EVENT_TYPE
+        if record.get("replaces"):
+            event_id = f"{event_id}/{entry.entry_id}"
     ts = datetime.datetime.fromtimestamp(int(record["ts_ms"]) / 1000, datetime.UTC)  # type: ignore[call-overload]
     return {
         "specversion": "1.0",
         "id": event_id,
         "source": source,
-        "type": EVENT_TYPE,
+        "type": kind,
         "subject": record["user"],
         "time": ts.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "datacontenttype": "application/json",

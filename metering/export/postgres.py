@@ -1,6 +1,7 @@
 """The PostgreSQL sink: each batch upserted in one transaction into `usage_events` (schema and
-the `usage_daily` view in `postgres.sql`), keyed by the request id, so writing a batch again
-changes nothing."""
+the `usage_daily` view in `postgres.sql`), keyed by the request id, and its threshold
+notifications into `threshold_notifications`, keyed by their id, so writing a batch again changes
+nothing."""
 
 import datetime
 from collections.abc import Sequence
@@ -37,6 +38,24 @@ def row_of(entry: LedgerEntry) -> tuple:
     )  # fmt: skip
 
 
+_NOTICE = """
+INSERT INTO threshold_notifications (id, user_id, team_id, scope, window_name, unit, share, cap, used,
+    period, request_id, notified_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+ON CONFLICT (id) DO NOTHING
+"""
+
+
+def notice_row(entry: LedgerEntry) -> tuple:
+    """The `threshold_notifications` row of one notification."""
+    r = entry.record()
+    at = datetime.datetime.fromtimestamp(int(r["ts_ms"]) / 1000, datetime.UTC)  # type: ignore[call-overload]
+    return (
+        r["id"], r["user"], r["team"], r["scope"], r["window"], r["unit"], r["share"], r["cap"],
+        r["used"], r["period"], r["request_id"], at,
+    )  # fmt: skip
+
+
 class PostgresSink:
     """Writes to the database at `dsn`, creating the table and view when missing."""
 
@@ -63,7 +82,12 @@ class PostgresSink:
         conn = await self._connection()
         try:
             async with conn.transaction():
-                await conn.executemany(_UPSERT, [row_of(entry) for entry in entries])
+                usage = [row_of(entry) for entry in entries if not entry.is_notice]
+                notices = [notice_row(entry) for entry in entries if entry.is_notice]
+                if usage:
+                    await conn.executemany(_UPSERT, usage)
+                if notices:
+                    await conn.executemany(_NOTICE, notices)
         except (OSError, asyncpg.PostgresConnectionError):
             await self.close()
             raise

@@ -34,3 +34,20 @@ SELECT user_id,
        sum(value_nano) / 1e9  AS value
 FROM usage_events
 GROUP BY user_id, tier, model, (settled_at AT TIME ZONE 'UTC')::date;
+
+-- Threshold notifications (a tier's `caps.notify_at`): one row per threshold crossed per window
+-- period, for the user's windows (`scope` user) and their team's (`scope` team).
+CREATE TABLE IF NOT EXISTS threshold_notifications (
+    id            text PRIMARY KEY,      -- e.g. user:alice:month:tokens:800:24311
+    user_id       text NOT NULL,         -- the user whose request crossed it
+    team_id       text,
+    scope         text NOT NULL,         -- user or team
+    window_name   text NOT NULL,
+    unit          text NOT NULL,         -- tokens, or spend (cap and used in nano-units)
+    share         double precision NOT NULL,
+    cap           bigint NOT NULL,
+    used          bigint NOT NULL,       -- committed usage once the request was settled
+    period        bigint NOT NULL,       -- the window's period (or rolling bucket) index
+    request_id    text NOT NULL,
+    notified_at   timestamptz NOT NULL
+);

@@ -6,8 +6,10 @@ equal field by field to the event capgate settled, and Redis is left holding non
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,14 +17,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from harness import RedisCluster, RedisServer, VllmServer, parse, sample_sum
 from harness.capgate_server import CapgateServer, replicas
 from harness.clients import openai_client
 from harness.exporter_process import ExporterProcess
 from harness.ledger import ledger
-from harness.policies import key_of, write_policy
+from harness.policies import ADMIN_KEY, key_of, write_policy
 from harness.postgres_server import PostgresServer
 from harness.webhook_receiver import WebhookReceiver
+
+from policies.keys import hash_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -312,3 +317,112 @@ def wait_until(done: object, timeout: float, exporter: ExporterProcess) -> None:
     while not done():  # type: ignore[operator]
         assert time.monotonic() < deadline, exporter.log_text()[-3000:]
         time.sleep(0.2)
+
+
+NOTIFY_CAP, TEAM_CAP, SHARES = 400, 700, (0.25, 0.5, 0.8, 1.0)
+
+
+@pytest.fixture(scope="module")
+def notifying(
+    tmp_path_factory: pytest.TempPathFactory, vllm_server: VllmServer, redis_server: RedisServer
+) -> Iterator[list[CapgateServer]]:
+    """Two replicas; tier `watched` notifies at SHARES of its monthly cap; two of its users share
+    team `crew`, whose own monthly cap they count against too."""
+    run = uuid.uuid4().hex[:6]
+    tier = {
+        "priority": 0,
+        "caps": {
+            "windows": [{"per": "month", "tokens": NOTIFY_CAP}],
+            "count": ["prompt", "completion"],
+            "notify_at": list(SHARES),
+        },
+        "prices": {"prompt": "2 USD/1M", "completion": "8 USD/1M"},
+    }
+    users = [f"n{run}-{i}" for i in range(3)]
+    policy = {
+        "admin_keys": [hash_key(ADMIN_KEY)],
+        "tiers": {"watched": tier},
+        "teams": [{"id": f"crew{run}", "windows": [{"per": "month", "tokens": TEAM_CAP}]}],
+        "users": [
+            {
+                "id": u,
+                "tier": "watched",
+                "keys": [hash_key(key_of(u))],
+                **({"team": f"crew{run}"} if i < 2 else {}),
+            }
+            for i, u in enumerate(users)
+        ],
+    }
+    workdir = tmp_path_factory.mktemp("notify")
+    path = workdir / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    with replicas(workdir, ("a", "b"), [vllm_server.base_url], redis_server.url, path, SLOW_REDIS) as servers:
+        yield servers
+
+
+def mark(cap: int, share: float) -> int:
+    return math.ceil(cap * round(share * 1000) / 1000)
+
+
+def test_each_threshold_crossed_is_notified_once_under_concurrency_over_two_replicas(
+    notifying: list[CapgateServer], redis_server: RedisServer, postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """80 requests, eight at a time, over two replicas, by three users (two in a team) until their
+    caps refuse them: the receiver gets exactly one notification per threshold their committed
+    usage crossed (the users' windows and the team's), and PostgreSQL holds the same."""
+    policy = yaml.safe_load(notifying[0].policy.read_text())
+    users = [u["id"] for u in policy["users"]]
+    team = policy["teams"][0]["id"]
+    secret = "another-secret-of-32-bytes-12345"
+    receiver = WebhookReceiver(secret.encode())
+    receiver.start()
+    postgres.query("DROP TABLE IF EXISTS threshold_notifications")
+    sink = {"kind": "postgres", "dsn": postgres.dsn}
+    notify = {"url": receiver.url, "secret": secret, "state_dir": str(tmp_path / "state")}
+    exporter = ExporterProcess(tmp_path, redis_server.url, sink, notify=notify, **FAST)
+    rng = random.Random(SEED + 4)
+    plan = [(notifying[i % 2].base_url, rng.choice(users)) for i in range(80)]
+
+    def one(item: tuple[str, str]) -> int:
+        reply = httpx.post(
+            f"{item[0]}/v1/chat/completions",
+            json={"model": "tiny", "messages": [{"role": "user", "content": "count"}], "max_tokens": 8},
+            headers={"authorization": f"Bearer {key_of(item[1])}"},
+            timeout=60,
+        )
+        assert reply.status_code in (200, 429), reply.text
+        return reply.status_code
+
+    try:
+        exporter.start()
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(one, plan))
+        assert codes.count(429) > 0, "the caps were reached"
+        wait_until(lambda: not ledger(notifying[0]) and backlog(exporter) == 0, 60, exporter)
+        time.sleep(1.0)
+    finally:
+        exporter.stop()
+        receiver.stop()
+    used: dict[str, int] = {}
+    for row in postgres_rows(postgres):
+        if row["user"] in users:
+            used[row["user"]] = (
+                used.get(row["user"], 0) + int(row["prompt_tokens"]) + int(row["completion_tokens"])
+            )
+    used_team = sum(used.get(u, 0) for u in users[:2])
+    expected = {
+        (f"user:{u}", share) for u in users for share in SHARES if used.get(u, 0) >= mark(NOTIFY_CAP, share)
+    }
+    expected |= {(f"team:{team}", share) for share in SHARES if used_team >= mark(TEAM_CAP, share)}
+    notes = [e for e in receiver.events if e["type"] == "dev.capgate.threshold" and e["subject"] in users]
+    got = [(":".join(e["id"].split(":")[:2]), e["data"]["share"]) for e in notes]
+    print(f"\nused {used}, team {used_team}; {len(notes)} notifications")
+    assert len(got) == len(set(got)), "a threshold was notified twice"
+    assert set(got) == expected
+    assert receiver.bad_signatures == 0
+    for event in notes:
+        data = event["data"]
+        cap = TEAM_CAP if data["scope"] == "team" else NOTIFY_CAP
+        assert data["used"] >= mark(cap, data["share"]) and data["cap"] == cap and data["window"] == "month"
+    rows = postgres.query("SELECT id FROM threshold_notifications").splitlines()
+    assert sorted(rows) == sorted(e["id"] for e in notes), "the ledger's sink holds the same"

@@ -105,3 +105,20 @@ def test_the_file_sink_rotates_by_size_between_batches(tmp_path: Path, rotate_by
         assert files == {1: 6, 600: 3, 10_000: 1}[rotate_bytes]
 
     asyncio.run(run())
+
+
+def notice(stream: str = "cg:{t:eng}:u:alice:ledger", scope: str = "team") -> LedgerEntry:
+    fields = {"kind": "threshold", "user": "alice", "window": "month", "scope": scope, "unit": "spend",
+              "share": "800", "cap": "50000000000", "used": "40000000001", "period": "24311",
+              "request_id": "req-9", "ts_ms": "1796473320564"}  # fmt: skip
+    return LedgerEntry(stream, "1796473320564-1", fields)
+
+
+def test_a_notification_record_names_whose_window_which_threshold_and_period() -> None:
+    record = notice().record()
+    assert record["id"] == "team:eng:month:spend:800:24311"
+    assert record["share"] == 0.8 and record["cap"] == 50_000_000_000 and record["used"] == 40_000_000_001
+    assert notice("cg:{u:alice}:ledger", "user").record()["id"] == "user:alice:month:spend:800:24311"
+    event = cloud_event(notice(), "capgate")
+    assert event["type"] == "dev.capgate.threshold" and event["id"] == "team:eng:month:spend:800:24311"
+    assert event["subject"] == "alice"

@@ -319,3 +319,19 @@ def test_principal_for_digest_matches_only_the_stored_form() -> None:
     assert index.principal_for_digest(hash_key("cg-nobody")) is None
     assert index.principal_for_digest("") is None
     assert index.principal_for_key(HASH_A) is None  # the digest is not itself a key
+
+
+# --- Threshold notifications ----------------------------------------------------------------------
+
+
+def test_notify_at_is_shares_of_a_window_each_once() -> None:
+    tier = Tier.model_validate({"caps": {"windows": [{"per": "day", "tokens": 9}], "notify_at": [0.8, 1]}})
+    assert tier.caps.notify_at == [0.8, 1.0]
+    month = '        - {per: month, spend: "50 USD"}\n'
+    text = BASE.replace(month, month + "      notify_at: [0.5, 1.5]\n", 1)
+    assert problems(text) == [("tiers.free.caps.notify_at[1]", 7, "Input should be less than or equal to 1")]
+    for bad, message in (([0.5, 0.5], "notify_at lists a share twice"), ([0], "greater than 0")):
+        with pytest.raises(ValidationError, match=message):
+            Tier.model_validate({"caps": {"windows": [{"per": "day", "tokens": 9}], "notify_at": bad}})
+    with pytest.raises(ValidationError, match="needs windows"):
+        Tier.model_validate({"caps": {"notify_at": [0.5]}})

@@ -8,7 +8,7 @@ same request (with `replaces` naming the reaper's entry): sinks keep the newest 
 """
 
 import heapq
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from metering.keys import LEDGER_PATTERN, user_keys_of
@@ -105,15 +105,39 @@ async def read_entries(
     return _entries(stream, await redis.xrange(stream, min=start, max=until, count=count))
 
 
-class Acknowledger:
-    """Drops from the ledger what a sink holds durably (`ledger_ack.lua`)."""
+async def read_pages(redis: RedisClient, streams: Sequence[str], count: int) -> list[list[LedgerEntry]]:
+    """The first `count` entries of each of `streams`, in one pipelined round trip (per node)."""
+    pipe = redis.pipeline(transaction=False)
+    for stream in streams:
+        pipe.xrange(stream, min="-", max="+", count=count)
+    replies = await pipe.execute()
+    return [_entries(stream, reply) for stream, reply in zip(streams, replies, strict=True)]
+
+
+def next_id(entry_id: str) -> str:
+    """The smallest entry id after `entry_id`."""
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"
+
+
+class Trimmer:
+    """Drops from the ledger what a sink holds durably."""
 
     def __init__(self, redis: RedisClient) -> None:
-        self._script = redis.register_script(load_script("ledger_ack"))
+        self.redis = redis
+        self._drop = redis.register_script(load_script("ledger_drop"))
 
-    async def __call__(self, stream: str, entry_id: str) -> int:
-        """Drop the entries of `stream` up to `entry_id`; returns how many are left."""
-        return int(await self._script(keys=[stream], args=[entry_id]))
+    async def through(self, last: Mapping[str, str]) -> None:
+        """Drop the entries of each stream up to and including its entry id in `last` (`XTRIM
+        MINID` past it: whatever came after stays), in one pipelined round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, entry_id in last.items():
+            pipe.xtrim(stream, minid=next_id(entry_id), approximate=False)
+        await pipe.execute()
+
+    async def drop_if_empty(self, stream: str) -> bool:
+        """Delete `stream` if it holds no entry (atomically: an event appended meanwhile stays)."""
+        return bool(await self._drop(keys=[stream]))
 
 
 @dataclass(order=True)

@@ -2,9 +2,10 @@
 Redis, so that Redis holds only what is not exported yet.
 
 One pass reads a page of every stream of its shard, writes the pages to the sink in batches and,
-once a batch is durable there, acknowledges it (`ledger_ack.lua` trims each stream up to what was
-written; the trim is the checkpoint). A crash anywhere leaves each entry either acknowledged (it is
-in the sink) or still in Redis, to be written again: sinks are idempotent on the request id, or
+once a batch is durable there, acknowledges it (`XTRIM MINID` just past what was written,
+pipelined; the trim is the checkpoint; a stream found empty later is deleted by `ledger_drop.lua`).
+A crash anywhere leaves each entry either acknowledged (it is in the sink) or still in Redis, to be
+written again: sinks are idempotent on the request id, or
 journal their last batch (`Sink.recent`), which a restarted exporter acknowledges before it writes
 anything.
 
@@ -26,10 +27,11 @@ from dataclasses import dataclass
 
 from metering.export.sink import Sink
 from metering.keys import LEDGER_PATTERN, NOTICES_PATTERN, PREFIX
-from metering.ledger import Acknowledger, LedgerEntry, ledger_streams, read_entries
+from metering.ledger import LedgerEntry, Trimmer, ledger_streams, read_pages
 from metering.meter import RedisClient, load_script
 
 log = logging.getLogger("capgate.export")
+READ_CHUNK = 256  # streams read per pipelined call
 
 
 class ShardLost(Exception):
@@ -87,7 +89,7 @@ class Exporter:
         self.lock_ttl_ms = int(lock_ttl_s * 1000)
         self.instance = instance or uuid.uuid4().hex
         self._lock = redis.register_script(load_script("exporter_lock"))
-        self._ack = Acknowledger(redis)
+        self._trim = Trimmer(redis)
         self._recovered = False
 
     async def hold_shard(self) -> bool:
@@ -100,29 +102,36 @@ class Exporter:
             await self.redis.delete(self.lock_key)
 
     async def export_pass(self) -> PassResult:
-        """Export one page of every stream of the shard (see the module's docstring)."""
+        """Export one page of every stream of the shard (see the module's docstring); streams
+        are read READ_CHUNK at a time in one pipelined call, and a stream found empty (all of it
+        exported) is deleted."""
         skipped = await self._recover()
+        owned = [s async for s in ledger_streams(self.redis, self.pattern) if self.shard.owns(s)]
         pending: list[LedgerEntry] = []
         exported = streams = backlog = 0
         oldest: int | None = None
-        full = False
-        async for stream in ledger_streams(self.redis, self.pattern):
-            if not self.shard.owns(stream):
-                continue
-            entries = await read_entries(self.redis, stream, self.batch)
-            if not entries:
-                continue
-            streams += 1
-            full = full or len(entries) == self.batch
-            backlog += await self.redis.xlen(stream) if len(entries) == self.batch else len(entries)
-            first = entries[0].order[0]
-            oldest = first if oldest is None else min(oldest, first)
-            pending += entries
-            if len(pending) >= self.batch:
-                exported += await self._flush(pending)
-                pending = []
+        full_pages: list[str] = []
+        for start in range(0, len(owned), READ_CHUNK):
+            chunk = owned[start : start + READ_CHUNK]
+            for stream, entries in zip(chunk, await read_pages(self.redis, chunk, self.batch), strict=True):
+                if not entries:
+                    await self._trim.drop_if_empty(stream)
+                    continue
+                streams += 1
+                if len(entries) == self.batch:
+                    full_pages.append(stream)
+                else:
+                    backlog += len(entries)
+                first = entries[0].order[0]
+                oldest = first if oldest is None else min(oldest, first)
+                pending += entries
+                if len(pending) >= self.batch:
+                    exported += await self._flush(pending)
+                    pending = []
         exported += await self._flush(pending)
-        return PassResult(exported, skipped, streams, backlog, oldest, full)
+        for stream in full_pages:
+            backlog += self.batch + await self.redis.xlen(stream)
+        return PassResult(exported, skipped, streams, backlog, oldest, bool(full_pages))
 
     async def _recover(self) -> int:
         """Once, before anything else is written: acknowledge the sink's last batch (`recent`),
@@ -153,8 +162,7 @@ class Exporter:
         for entry in entries:
             if entry.stream not in last or entry.order > last[entry.stream].order:
                 last[entry.stream] = entry
-        for stream, entry in last.items():
-            await self._ack(stream, entry.entry_id)
+        await self._trim.through({stream: entry.entry_id for stream, entry in last.items()})
 
     async def run(
         self,

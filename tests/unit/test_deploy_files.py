@@ -19,6 +19,7 @@ import yaml
 from harness.prometheus_server import dashboard_panels, dashboard_queries, metric_names
 from prometheus_client import REGISTRY
 
+import proxy.exporter
 import proxy.metrics  # noqa: F401  (registers capgate's metrics)
 from policies.loader import load_policy
 from proxy.settings import load_settings
@@ -43,6 +44,8 @@ REQUIRED_ALERTS = {
     "CapgateEnterpriseTTFTAboveObjective",
     "CapgateAdmissionDegraded",
     "CapgateTTFTObjectiveUnattainable",
+    "CapgateLedgerBacklog",
+    "CapgateExporterDown",
 }
 
 
@@ -275,7 +278,21 @@ tests:
         values: '1x15'
       - series: 'up{{job="capgate",instance="a"}}'
         values: '0x15'
+      - series: 'up{{job="capgate-exporter",instance="x"}}'
+        values: '0x15'
+      - series: 'capgate_ledger_backlog_events{{job="capgate-exporter",instance="x"}}'
+        values: '200000x15'
+      - series: 'capgate_ledger_backlog_max_events{{job="capgate-exporter",instance="x"}}'
+        values: '100000x15'
     alert_rule_test:
+      - eval_time: 12m
+        alertname: CapgateExporterDown
+        exp_alerts:
+          - exp_labels: {{severity: critical, job: capgate-exporter, instance: x}}
+      - eval_time: 12m
+        alertname: CapgateLedgerBacklog
+        exp_alerts:
+          - exp_labels: {{severity: warning, instance: x}}
       - eval_time: 12m
         alertname: CapgateEnterpriseTTFTAboveObjective
         exp_alerts:
@@ -317,7 +334,19 @@ tests:
         values: '1x15'
       - series: 'up{{job="vllm",instance="v"}}'
         values: '1x15'
+      - series: 'up{{job="capgate-exporter",instance="x"}}'
+        values: '1x15'
+      - series: 'capgate_ledger_backlog_events{{job="capgate-exporter",instance="x"}}'
+        values: '500x15'
+      - series: 'capgate_ledger_backlog_max_events{{job="capgate-exporter",instance="x"}}'
+        values: '100000x15'
     alert_rule_test:
+      - eval_time: 12m
+        alertname: CapgateExporterDown
+        exp_alerts: []
+      - eval_time: 12m
+        alertname: CapgateLedgerBacklog
+        exp_alerts: []
       - eval_time: 12m
         alertname: CapgateEnterpriseTTFTAboveObjective
         exp_alerts: []
@@ -355,7 +384,11 @@ def test_prometheus_scrapes_the_compose_services() -> None:
         job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
         for job in config["scrape_configs"]
     }
-    assert targets == {"capgate": ["capgate:8000"], "vllm": ["vllm:8000"]}
+    assert targets == {
+        "capgate": ["capgate:8000"],
+        "capgate-exporter": ["exporter:9108"],
+        "vllm": ["vllm:8000"],
+    }
     services = compose()["services"]
     capgate_port = services["capgate"]["ports"][0].split(":")[-1]
     vllm_command = services["vllm"]["command"]
@@ -405,6 +438,14 @@ def test_compose_wires_the_services_by_name() -> None:
     settings = load_settings(env={k: str(v) for k, v in env.items()})
     assert [u.url for u in settings.upstreams] == ["http://vllm:8000"]
     assert settings.redis_url == "redis://redis:6379/0"
+
+    exporter = services["exporter"]
+    assert exporter["image"] == capgate["image"] and exporter["command"] == ["capgate", "exporter"]
+    assert exporter["depends_on"]["postgres"]["condition"] == "service_healthy"
+    exported = load_settings(env={k: str(v) for k, v in exporter["environment"].items()})
+    assert exported.exporter.sink.kind == "postgres" and "@postgres:5432/" in exported.exporter.sink.dsn
+    assert exported.redis_url == settings.redis_url and exported.exporter.metrics_host == "0.0.0.0"
+    assert services["postgres"]["environment"]["POSTGRES_DB"] == "capgate"
 
     assert "9090:9090" in services["prometheus"]["ports"]
     assert "3000:3000" in services["grafana"]["ports"]
@@ -533,3 +574,28 @@ def test_redis_persists_and_vllm_runs_the_official_image_on_a_gpu() -> None:
     assert server["image"].startswith("vllm/vllm-openai:")
     assert server["args"][server["args"].index("--scheduling-policy") + 1] == "priority"
     assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_exporter_deployment_reads_the_gateways_settings_and_its_database_from_a_secret() -> None:
+    deployment = k8s_object("Deployment", "capgate-exporter")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    exporter = container(deployment, "exporter")
+    assert exporter["args"] == ["capgate", "exporter"]
+    env = {item["name"]: item for item in exporter["env"]}
+    assert env["CAPGATE_EXPORTER__SINK__DSN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "capgate-exporter",
+        "key": "dsn",
+    }
+    config_map = k8s_object("ConfigMap", "capgate-config")
+    values = {name: item["value"] for name, item in env.items() if "value" in item}
+    values["CAPGATE_EXPORTER__SINK__DSN"] = "postgresql://capgate:secret@postgres:5432/capgate"
+    with_file = {**values, "CAPGATE_CONFIG": ""}
+    settings = load_settings(env=with_file)
+    assert settings.exporter.sink.kind == "postgres" and (
+        settings.exporter.shard,
+        settings.exporter.shards,
+    ) == (0, 1)
+    port = int(deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"])
+    assert port == settings.exporter.metrics_port == exporter["ports"][0]["containerPort"]
+    redis_url = yaml.safe_load(config_map["data"]["capgate.yaml"])["redis_url"]
+    assert redis_url.startswith("redis://redis:")

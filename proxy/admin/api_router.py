@@ -2,9 +2,10 @@
 teams), a user's usage, the tiers' totals and the ledger export. JSON in and out, OpenAI-shaped
 errors."""
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -39,6 +40,12 @@ def _int_query(request: Request, name: str, default: int) -> int:
 
 async def _body(request: Request) -> bytes:
     return await read_body(request, MAX_ADMIN_BODY)
+
+
+async def _after(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    yield first
+    async for line in rest:
+        yield line
 
 
 def admin_routes(
@@ -114,8 +121,15 @@ def admin_routes(
         since = _int_query(request, "since_ms", 0)
         until = _int_query(request, "until_ms", -1)
         lines = export_lines(gateway.meter.redis, fmt, since, None if until < 0 else until)
+        try:
+            first = await anext(lines, "")  # Redis down: a 503 before any byte is sent
+        except (RedisError, OSError) as exc:
+            raise APIError(
+                503, "the ledger is unavailable: Redis cannot be reached", type="service_unavailable",
+                code="meter_unavailable", headers={"Retry-After": "1"},
+            ) from exc  # fmt: skip
         media = "text/csv" if fmt == "csv" else "application/x-ndjson"
-        return StreamingResponse(lines, media_type=media)
+        return StreamingResponse(_after(first, lines), media_type=media)
 
     return [
         route("/admin/users", "POST", create_user, 201),

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from metering.export import jsonl as jsonl_module
-from metering.export.exporter import Exporter
+from metering.export.exporter import Exporter, Shard
 from metering.export.jsonl import JsonlSink
 from metering.ledger import Trimmer
 
@@ -128,3 +128,52 @@ def test_every_event_reaches_the_files_once_whatever_the_crashes(
     ]
     ours = [rid for rid in written if rid.startswith(f"f{run}")]
     assert sorted(ours) == sorted(sent), f"crashes {crashes}: missing or twice"
+
+
+def test_instances_split_the_streams_by_shard_and_one_process_holds_a_shard(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Two shards exported at once by two instances write every event once between them; a
+    second instance of a shard already held exports nothing until the lock is given up."""
+    run = uuid.uuid4().hex[:8]
+    users = [f"s{run}-{i}" for i in range(12)]
+
+    async def scenario() -> list[str]:
+        redis = Redis.from_url(redis_server.url)
+        try:
+            sent = await add_events(redis, users, 60, 0)
+            sinks = [JsonlSink(tmp_path / f"shard{i}", f"{i}-of-2", rotate_bytes=1 << 20) for i in range(2)]
+            exporters = [
+                Exporter(redis, sinks[i], Shard(i, 2), batch=4, instance=f"a{i}-{run}") for i in range(2)
+            ]
+            twin = Exporter(
+                redis, JsonlSink(tmp_path / "twin", "0-of-2", 1 << 20), Shard(0, 2), instance=f"b-{run}"
+            )
+            for sink in [*sinks, twin.sink]:
+                await sink.start()
+            assert all([await e.hold_shard() for e in exporters])
+            assert not await twin.hold_shard(), "shard 0 is held"
+
+            async def drain(exporter: Exporter) -> None:
+                while (await exporter.export_pass()).streams:
+                    pass
+
+            await asyncio.gather(*(drain(e) for e in exporters))
+            for exporter in exporters:
+                await exporter.release_shard()
+            assert await twin.hold_shard(), "given up, the shard can be taken"
+            await twin.release_shard()
+            return sent
+        finally:
+            await redis.aclose()
+
+    sent = asyncio.run(scenario())
+    per_shard = [
+        [json.loads(line)["request_id"] for path in sorted((tmp_path / f"shard{i}").glob("*.jsonl"))
+         for line in path.read_text().splitlines()]
+        for i in range(2)
+    ]  # fmt: skip
+    ours = [[rid for rid in rids if rid.startswith(f"s{run}")] for rids in per_shard]
+    assert sorted(ours[0] + ours[1]) == sorted(sent)
+    assert ours[0] and ours[1], "both shards had users"
+    assert not list((tmp_path / "twin").glob("*.jsonl"))

@@ -97,10 +97,11 @@ def traffic(gateways: list[CapgateServer], count: int, seed: int) -> list[Sent]:
 
 
 def settled(gateway: CapgateServer, request_ids: set[str], timeout: float = 30.0) -> dict[str, dict]:
-    """The ledger events in Redis, by request id, once every one of `request_ids` is there."""
+    """The ledger events of USERS in Redis (the session's Redis holds other modules' too), by
+    request id, once every one of `request_ids` is there."""
     deadline = time.monotonic() + timeout
     while True:
-        events = {e["request_id"]: e for e in ledger(gateway)}
+        events = {e["request_id"]: e for e in ledger(gateway) if e["user"] in USERS}
         if request_ids <= set(events) or time.monotonic() > deadline:
             return events
         time.sleep(0.2)

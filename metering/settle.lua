@@ -70,8 +70,9 @@ local function notify_crossings()
       local before = after - charged
       for _, share in ipairs(thresholds) do
         local mark = mark_of(cap, share)
-        local last = tonumber(redis.call('HGET', key .. ':n', share))
-        if before < mark and after >= mark and (last == nil or slot - last >= spacing) then
+        local crossed = before < mark and after >= mark
+        local last = crossed and tonumber(redis.call('HGET', key .. ':n', share))
+        if crossed and (last == nil or slot - last >= spacing) then
           redis.call('HSET', key .. ':n', share, slot)
           redis.call('EXPIRE', key .. ':n', ttl)
           local scope, units = 'user', 'tokens'

@@ -39,13 +39,18 @@ def build_sink(settings: config.Exporter, instance: str) -> Sink:
         return PostgresSink(sink.dsn)
     if isinstance(sink, config.JsonlSink):
         return JsonlSink(Path(sink.dir), instance, sink.rotate_bytes, sink.rotate_hourly)
+    return webhook_sink(sink, instance)
+
+
+def webhook_sink(webhook: config.Webhook, instance: str) -> HttpSink:
+    """The HTTP sink POSTing to `webhook`, journaling as `instance`."""
     return HttpSink(
-        sink.url,
-        sink.secret.encode(),
-        source=sink.source,
-        timeout_s=sink.timeout_s,
-        max_backoff_s=sink.max_backoff_s,
-        state_dir=Path(sink.state_dir) if sink.state_dir else None,
+        webhook.url,
+        webhook.secret.encode(),
+        source=webhook.source,
+        timeout_s=webhook.timeout_s,
+        max_backoff_s=webhook.max_backoff_s,
+        state_dir=Path(webhook.state_dir) if webhook.state_dir else None,
         instance=instance,
     )
 
@@ -72,15 +77,7 @@ async def run_exporter(settings: config.Settings) -> None:
     ledger = Exporter(redis, build_sink(ex, instance), shard, batch=ex.batch, lock_ttl_s=ex.lock_ttl_s)
     exporters: list[tuple[Exporter, Callable[[PassResult], None]]] = [(ledger, _observe)]
     if ex.notify is not None:
-        notify = ex.notify
-        sink = HttpSink(
-            notify.url,
-            notify.secret.encode(),
-            timeout_s=notify.timeout_s,
-            max_backoff_s=notify.max_backoff_s,
-            state_dir=Path(notify.state_dir) if notify.state_dir else None,
-            instance=f"notices-{instance}",
-        )
+        sink = webhook_sink(ex.notify, f"notices-{instance}")
         notices = Exporter(redis, sink, shard, batch=ex.batch, lock_ttl_s=ex.lock_ttl_s, notices=True)
         exporters.append((notices, _observe_notices))
     MAX_BACKLOG.set(ex.max_backlog)

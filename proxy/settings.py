@@ -106,10 +106,10 @@ class JsonlSink(_Section):
     rotate_hourly: bool = True
 
 
-class HttpSink(_Section):
-    """Batched CloudEvents POSTed to `url`, signed with `secret` (HMAC-SHA256)."""
+class Webhook(_Section):
+    """An HTTP receiver of batched CloudEvents, signed with `secret` (HMAC-SHA256), retried with
+    backoff until taken: the HTTP sink of the ledger, and `exporter.notify`."""
 
-    kind: Literal["http"]
     url: Annotated[str, Field(pattern=r"^https?://")]
     secret: Annotated[str, Field(min_length=16)]
     source: str = "capgate"
@@ -119,15 +119,10 @@ class HttpSink(_Section):
     state_dir: str | None = ".run/export"
 
 
-class Notify(_Section):
-    """Where threshold notifications (a tier's `caps.notify_at`) are POSTed, as the HTTP sink
-    sends the ledger: batched, signed CloudEvents, retried until taken."""
+class HttpSink(Webhook):
+    """The ledger POSTed to a webhook."""
 
-    url: Annotated[str, Field(pattern=r"^https?://")]
-    secret: Annotated[str, Field(min_length=16)]
-    timeout_s: Annotated[float, Field(gt=0)] = 10.0
-    max_backoff_s: Annotated[float, Field(gt=0)] = 30.0
-    state_dir: str | None = ".run/export"
+    kind: Literal["http"]
 
 
 class Exporter(_Section):
@@ -136,8 +131,9 @@ class Exporter(_Section):
     sink: Annotated[PostgresSink | JsonlSink | HttpSink, Field(discriminator="kind")] = JsonlSink(
         kind="jsonl"
     )
+    # Where threshold notifications (a tier's `caps.notify_at`) are POSTed.
+    notify: Webhook | None = None
     # Several instances split the users' streams: each runs with its own `shard` of `shards`.
-    notify: Notify | None = None
     shard: Annotated[int, Field(ge=0)] = 0
     shards: Annotated[int, Field(gt=0)] = 1
     batch: Annotated[int, Field(gt=0, le=10_000)] = 500

@@ -29,11 +29,15 @@ MAX_ADMIN_BODY = 64 << 10
 Handler = Callable[[Request, AccountService], Awaitable[Any]]
 
 
-def _int_query(request: Request, name: str, default: int) -> int:
+EPOCH_MS_DIGITS = 15  # a time in ms since 1970 (13 digits now), with room to spare
+
+
+def _int_query(request: Request, name: str, default: int, digits: int = 9) -> int:
+    """A whole number of at most `digits` ASCII digits from the query, else a 400 naming it."""
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > digits:
         raise APIError(400, f"'{name}' must be a whole number", param=name, code="invalid_value")
     return int(raw)
 
@@ -118,8 +122,8 @@ def admin_routes(
         fmt = request.query_params.get("format", "jsonl")
         if fmt not in ("jsonl", "csv"):
             raise APIError(400, "format must be 'jsonl' or 'csv'", param="format")
-        since = _int_query(request, "since_ms", 0)
-        until = _int_query(request, "until_ms", -1)
+        since = _int_query(request, "since_ms", 0, EPOCH_MS_DIGITS)
+        until = _int_query(request, "until_ms", -1, EPOCH_MS_DIGITS)
         lines = export_lines(gateway.meter.redis, fmt, since, None if until < 0 else until)
         try:
             first = await anext(lines, "")  # Redis down: a 503 before any byte is sent

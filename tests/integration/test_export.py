@@ -10,7 +10,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,11 +107,11 @@ def settled(gateway: CapgateServer, request_ids: set[str], timeout: float = 30.0
         time.sleep(0.2)
 
 
-def crash_loop(exporter: ExporterProcess, busy: object, rng: random.Random) -> int:
+def crash_loop(exporter: ExporterProcess, busy: Callable[[], bool], rng: random.Random) -> int:
     """Start the exporter and SIGKILL it after a random time, again and again while `busy()`
     (at least five times); return how many times it was killed."""
     kills = 0
-    while busy() or kills < 5:  # type: ignore[operator]
+    while busy() or kills < 5:
         exporter.start()
         time.sleep(rng.uniform(0.3, 2.5))
         exporter.kill()
@@ -158,29 +158,35 @@ def jsonl_rows(directory: Path) -> list[dict]:
     return [json.loads(line) for path in files for line in path.read_text().splitlines()]
 
 
-def export_and_check(gateways: list[CapgateServer], exporter: ExporterProcess, sink_rows: object) -> None:
+def export_and_check(
+    gateways: list[CapgateServer], exporter: ExporterProcess, sink_rows: Callable[[], list[dict]]
+) -> None:
     """Traffic before the exporter runs, then while it is killed again and again, then the
-    exporter left to finish: the sink holds each request once, as capgate settled it."""
+    exporter left to finish: the sink holds each request once, as capgate settled it. The
+    exporter is stopped on leaving, whatever happened."""
 
     def rows() -> list[dict]:
-        return [row for row in sink_rows() if row["user"] in USERS]  # type: ignore[operator]
+        return [row for row in sink_rows() if row["user"] in USERS]
 
-    before = traffic(gateways, BEFORE, SEED)
-    events = settled(gateways[0], {s.request_id for s in before})
-    assert len(events) == BEFORE
-    rng = random.Random(SEED)
-    with ThreadPoolExecutor(1) as pool:
-        during_f = pool.submit(traffic, gateways, DURING, SEED + 1)
-        kills = crash_loop(exporter, lambda: not during_f.done(), rng)
-        during = during_f.result()
-    sent = {s.request_id: s for s in before + during}
-    assert len(sent) == BEFORE + DURING
-    exporter.start()
-    deadline = time.monotonic() + 60
-    while ledger(gateways[0]) or len(rows()) < len(sent) or backlog(exporter) != 0:
-        assert time.monotonic() < deadline, f"not all exported:\n{exporter.log_text()[-3000:]}"
-        time.sleep(0.2)
-    exporter.stop()
+    try:
+        before = traffic(gateways, BEFORE, SEED)
+        events = settled(gateways[0], {s.request_id for s in before})
+        assert len(events) == BEFORE
+        rng = random.Random(SEED)
+        with ThreadPoolExecutor(1) as pool:
+            during_f = pool.submit(traffic, gateways, DURING, SEED + 1)
+            kills = crash_loop(exporter, lambda: not during_f.done(), rng)
+            during = during_f.result()
+        sent = {s.request_id: s for s in before + during}
+        assert len(sent) == BEFORE + DURING
+        exporter.start()
+
+        def all_exported() -> bool:
+            return not ledger(gateways[0]) and len(rows()) >= len(sent) and backlog(exporter) == 0
+
+        wait_until(all_exported, 60, exporter)
+    finally:
+        exporter.stop()
     written = rows()
     print(f"\nexporter killed {kills} times; {len(written)} rows for {len(sent)} requests")
     ids = [row["request_id"] for row in written]
@@ -241,10 +247,7 @@ def test_postgres_gets_every_event_once_though_the_exporter_is_killed_at_random(
     postgres.query("DROP TABLE IF EXISTS usage_events CASCADE")
     sink = {"kind": "postgres", "dsn": postgres.dsn}
     exporter = ExporterProcess(tmp_path, redis_server.url, sink, **FAST)
-    try:
-        export_and_check(on_redis, exporter, lambda: postgres_rows(postgres))
-    finally:
-        exporter.stop()
+    export_and_check(on_redis, exporter, lambda: postgres_rows(postgres))
 
 
 def test_jsonl_files_get_every_event_once_though_the_exporter_is_killed_at_random(
@@ -255,10 +258,7 @@ def test_jsonl_files_get_every_event_once_though_the_exporter_is_killed_at_rando
     out = tmp_path / "ledger"
     sink = {"kind": "jsonl", "dir": str(out), "rotate_bytes": 4096}
     exporter = ExporterProcess(tmp_path, redis_server.url, sink, **FAST)
-    try:
-        export_and_check(on_redis, exporter, lambda: jsonl_rows(out))
-    finally:
-        exporter.stop()
+    export_and_check(on_redis, exporter, lambda: jsonl_rows(out))
     assert len(list(out.glob("*.jsonl"))) > 1, "rotated by size"
 
 
@@ -268,10 +268,7 @@ def test_postgres_gets_every_event_once_on_redis_cluster(
     postgres.query("DROP TABLE IF EXISTS usage_events CASCADE")
     sink = {"kind": "postgres", "dsn": postgres.dsn}
     exporter = ExporterProcess(tmp_path, redis_cluster.url, sink, cluster=True, **FAST)
-    try:
-        export_and_check(on_cluster, exporter, lambda: postgres_rows(postgres))
-    finally:
-        exporter.stop()
+    export_and_check(on_cluster, exporter, lambda: postgres_rows(postgres))
 
 
 def test_a_webhook_receiver_down_for_a_minute_gets_every_event_once_signed(
@@ -313,9 +310,9 @@ def test_a_webhook_receiver_down_for_a_minute_gets_every_event_once_signed(
     assert "retrying" in exporter.log_text()
 
 
-def wait_until(done: object, timeout: float, exporter: ExporterProcess) -> None:
+def wait_until(done: Callable[[], bool], timeout: float, exporter: ExporterProcess) -> None:
     deadline = time.monotonic() + timeout
-    while not done():  # type: ignore[operator]
+    while not done():
         assert time.monotonic() < deadline, exporter.log_text()[-3000:]
         time.sleep(0.2)
 
@@ -427,3 +424,31 @@ def test_each_threshold_crossed_is_notified_once_under_concurrency_over_two_repl
         assert data["used"] >= mark(cap, data["share"]) and data["cap"] == cap and data["window"] == "month"
     rows = postgres.query("SELECT id FROM threshold_notifications").splitlines()
     assert sorted(rows) == sorted(e["id"] for e in notes), "the ledger's sink holds the same"
+
+
+def test_the_admin_ledger_refuses_hostile_queries_and_answers_503_while_redis_is_down(
+    start_gateway: Callable[..., CapgateServer], policy: Path
+) -> None:
+    """`GET /admin/ledger` streams its answer: a bad parameter is a 400 naming it, and Redis down
+    is a 503 in the API's error shape before any byte of a 200 is sent."""
+    with RedisServer() as own_redis:
+        gateway = start_gateway(redis_url=own_redis.url, policy=policy)
+        url = f"{gateway.base_url}/admin/ledger"
+        headers = {"authorization": f"Bearer {ADMIN_KEY}"}
+        for params, name in (
+            ({"format": "xml"}, "format"),
+            ({"since_ms": "-1"}, "since_ms"),
+            ({"since_ms": "1e3"}, "since_ms"),
+            ({"until_ms": "٣"}, "until_ms"),
+            ({"since_ms": "9" * 400}, "since_ms"),
+        ):
+            reply = httpx.get(url, params=params, headers=headers, timeout=10)
+            assert reply.status_code == 400 and reply.json()["error"]["param"] == name, (params, reply.text)
+        now_ms = str(int(time.time() * 1000))
+        assert httpx.get(url, headers=headers, timeout=10).status_code == 200
+        window = {"since_ms": "0", "until_ms": now_ms}
+        assert httpx.get(url, params=window, headers=headers, timeout=10).status_code == 200, "epoch ms"
+        own_redis.stop()
+        reply = httpx.get(url, headers=headers, timeout=30)
+        assert reply.status_code == 503, reply.text
+        assert reply.json()["error"]["code"] == "meter_unavailable"

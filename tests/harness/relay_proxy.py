@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 from .loop_server import LoopServer
@@ -20,7 +22,8 @@ class RelayProxy(LoopServer):
     with a 404 itself, so vLLM serves everything but its load cannot be read. With `bytes_per_s`
     it hands generations on at that rate, as a slow link would: vLLM generates as fast as ever
     (and may deliver a whole stream at once when its API process is starved of CPU), but a stream
-    stays in flight in capgate for a predictable time.
+    stays in flight in capgate for a predictable time, and `hold()` stops the streams under way
+    until its block ends (those begun meanwhile flow).
     """
 
     def __init__(self, target: str, *, hide_metrics: bool = False, bytes_per_s: int | None = None) -> None:
@@ -31,6 +34,23 @@ class RelayProxy(LoopServer):
         self.bytes_per_s = bytes_per_s
         self.paths: Counter[str] = Counter()
         self.request_ids: Counter[str] = Counter()
+        self._gates: set[asyncio.Event] = set()
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Stop handing on the throttled streams now under way until the block ends."""
+        held: list[asyncio.Event] = []
+
+        def close_gates() -> None:
+            held.extend(self._gates)
+            for gate in held:
+                gate.clear()
+
+        self.in_loop(close_gates)
+        try:
+            yield
+        finally:
+            self.in_loop(lambda: [gate.set() for gate in held])
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self._relay(reader, writer)
@@ -60,15 +80,19 @@ class RelayProxy(LoopServer):
         rate = self.bytes_per_s if path in GENERATION_PATHS else None
         await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer, rate))
 
-    @staticmethod
     async def _pipe(
-        source: asyncio.StreamReader, sink: asyncio.StreamWriter, rate: int | None = None
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, rate: int | None = None
     ) -> None:
-        """Copy until `source` ends (at most `rate` bytes/s), then close `sink` (a hang-up on one
-        side closes the other)."""
+        """Copy until `source` ends (at most `rate` bytes/s, waiting while held), then close `sink`
+        (a hang-up on one side closes the other)."""
         size = 65536 if rate is None else 1024
+        gate = asyncio.Event()
+        gate.set()
+        if rate is not None:
+            self._gates.add(gate)
         try:
             while data := await source.read(size):
+                await gate.wait()
                 sink.write(data)
                 await sink.drain()
                 if rate is not None:
@@ -76,4 +100,5 @@ class RelayProxy(LoopServer):
         except ConnectionError:
             pass
         finally:
+            self._gates.discard(gate)
             sink.close()

@@ -467,8 +467,8 @@ def test_reload_applies_to_the_next_request_while_a_started_stream_finishes_unto
     tmp_path: Path, vllm2: VllmServer, start_capgate: StartCapgate, trigger: str, change: str
 ) -> None:
     """The stream is leased (its allowance is extended in Redis as it goes, on its tier's terms),
-    so it would be cut short if the new policy reached it; it reaches capgate over a slow link, so
-    it is surely in flight when the new policy comes into force (checked on /metrics)."""
+    so it would be cut short if the new policy reached it; it reaches capgate over a slow link that
+    holds it while the new policy comes into force (checked on /metrics)."""
     user = f"mover-{trigger}-{change}-{RUN}"
     policy = tmp_path / "policy.yaml"
     policy.write_text(policy_yaml({"roomy": ROOMY, "tight": TIGHT}, {user: "roomy"}))
@@ -495,17 +495,18 @@ def test_reload_applies_to_the_next_request_while_a_started_stream_finishes_unto
         )
         chunks = iter(stream)
         seen = [next(chunks) for _ in range(3)]
-        apply(server, policy, new_policy, trigger, "applied")
-        assert gateway_metric(server, "capgate_reservations_outstanding") == 1, "the stream is in flight"
+        with link.hold():
+            apply(server, policy, new_policy, trigger, "applied")
+            assert gateway_metric(server, "capgate_reservations_outstanding") == 1, "the stream is in flight"
 
-        after = chat(server, user, **probe)
-        if change == "cap-lowered":
-            assert after.status_code == 200, after.text
-            assert after.json()["usage"]["completion_tokens"] == 100
-            assert after.json()["choices"][0]["finish_reason"] == "length"
-        else:
-            assert after.status_code == 429, after.text
-            assert error_code(after) == "cap_exceeded"
+            after = chat(server, user, **probe)
+            if change == "cap-lowered":
+                assert after.status_code == 200, after.text
+                assert after.json()["usage"]["completion_tokens"] == 100
+                assert after.json()["choices"][0]["finish_reason"] == "length"
+            else:
+                assert after.status_code == 429, after.text
+                assert error_code(after) == "cap_exceeded"
 
         seen += list(chunks)
     usage = [chunk.usage for chunk in seen if chunk.usage is not None]

@@ -1,4 +1,5 @@
-"""The three ways a request reaches the upstream: directly, through capgate, through LiteLLM.
+"""The four ways a request reaches the upstream: directly, through a plain nginx hop, through
+capgate, through LiteLLM.
 
 Each path knows its address, the keys its clients send, and the process whose CPU and memory it
 costs (none for the direct path). Gateways are pinned to the gateway core as soon as they start.
@@ -15,7 +16,7 @@ from typing import Self
 import httpx
 import yaml
 
-from bench import procstat
+from bench import procstat, tools
 from bench.policy import BenchUser, write_policy
 from tests.harness.processes import ManagedProcess, free_port
 from tests.harness.redis_server import RedisServer
@@ -102,6 +103,65 @@ class DirectPath(GatewayPath):
 
     def stop(self) -> None:
         return None
+
+
+NGINX_CONF = """daemon off;
+master_process off;
+worker_processes 1;
+pid {work}/nginx.pid;
+error_log {work}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/body;
+    proxy_temp_path {work}/proxy;
+    fastcgi_temp_path {work}/fastcgi;
+    uwsgi_temp_path {work}/uwsgi;
+    scgi_temp_path {work}/scgi;
+    upstream target {{
+        server {upstream};
+        keepalive 512;
+    }}
+    server {{
+        listen {host}:{port} reuseport backlog=4096;
+        keepalive_requests 1000000;
+        location / {{
+            proxy_pass http://target;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+class NginxPath(GatewayPath):
+    """Debian's nginx as a plain reverse proxy (one process, keep-alive to the upstream, nothing
+    buffered, no metering): the floor of one proxy hop, pinned to the gateway core."""
+
+    name = "nginx"
+
+    def __init__(self, workdir: Path, upstream_url: str, core: str, users: list[BenchUser]) -> None:
+        super().__init__(workdir, upstream_url, core)
+        self.users = users
+
+    def keys(self, spread: bool) -> list[str]:
+        return [u.key for u in self.users] if spread else [self.users[0].key]
+
+    def start(self) -> None:
+        binary = tools.ensure_nginx()
+        upstream = self.upstream_url.removeprefix("http://").rstrip("/")
+        conf = self.workdir / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(work=self.workdir, upstream=upstream, host=HOST, port=self.port))
+        self.process = ManagedProcess(
+            ["taskset", "--cpu-list", self.core, str(binary), "-c", str(conf), "-p", str(self.workdir)],
+            log_path=self.workdir / "nginx.log",
+            cwd=self.workdir,
+        )
+        self.process.start()
+        _wait_http(self.process, f"http://{HOST}:{self.port}/v1/models", 30.0, "nginx")
 
 
 class CapgatePath(GatewayPath):

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import NullLocator
 
-COLORS = {"direct": "tab:gray", "capgate": "tab:blue", "litellm": "tab:orange"}
+COLORS = {"direct": "tab:gray", "nginx": "tab:green", "capgate": "tab:blue", "litellm": "tab:orange"}
 
 
 def _panel(axis: Any, table: list[dict[str, Any]], upstream: str, workload: str) -> None:
@@ -58,7 +58,7 @@ def plot(results: dict[str, Any], out: Path) -> None:
         for column, workload in enumerate(workloads):
             _panel(axes[row][column], table, upstream, workload)
     axes[0][0].legend(fontsize=7)
-    figure.suptitle("capgate vs direct vs LiteLLM proxy: latency against load", fontsize=11)
+    figure.suptitle("capgate vs direct, nginx and LiteLLM: latency against load", fontsize=11)
     figure.tight_layout()
     figure.savefig(out, dpi=110)
 

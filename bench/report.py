@@ -2,6 +2,8 @@
 
 from typing import Any
 
+from bench.stats import PATHS
+
 
 def _ms(us: float | None) -> str:
     return "–" if us is None else f"{us / 1000:.2f}"
@@ -39,7 +41,7 @@ def _headline(results: dict[str, Any], upstream: str) -> list[str]:
             for e in cells
             if e["workload"] == workload and e["concurrency"] == min(results["levels"][upstream])
         ]
-        for entry in sorted(low, key=lambda e: ["direct", "capgate", "litellm"].index(e["path"])):
+        for entry in sorted(low, key=lambda e: PATHS.index(e["path"])):
             sat = saturated[(workload, entry["path"])]
             stream = "tokens" in entry
             rows.append(
@@ -164,7 +166,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Run {results['started_at']} on {machine['cpu_model']}, {machine['cores']} cores, "
         f"{machine['memory_gib']} GiB, Python {machine['python']}; capgate {machine['capgate']}, "
-        f"LiteLLM {machine.get('litellm') or '–'}, vLLM {machine.get('vllm') or '–'}, "
+        f"nginx {machine.get('nginx') or '–'}, LiteLLM {machine.get('litellm') or '–'}, "
+        f"vLLM {machine.get('vllm') or '–'}, "
         f"redis-server {machine['redis_server']}. Load average at start "
         f"{', '.join(f'{x:.2f}' for x in machine['load_average_at_start'])}, at end "
         f"{', '.join(f'{x:.2f}' for x in machine['load_average_at_end'])}.",
@@ -192,6 +195,8 @@ def markdown(results: dict[str, Any]) -> str:
             "workload",
             "capgate/direct median",
             "capgate/direct req/s sat",
+            "capgate/nginx added median",
+            "capgate/nginx req/s sat",
             "capgate/LiteLLM added median",
             "capgate/LiteLLM req/s sat",
             "capgate/LiteLLM CPU per request",
@@ -202,6 +207,8 @@ def markdown(results: dict[str, Any]) -> str:
                 r["workload"],
                 _num(r["capgate_over_direct_latency_median"], 2),
                 _num(r["capgate_over_direct_requests_per_s_saturated"], 2),
+                _num(r["capgate_over_nginx_added_latency_median"], 2),
+                _num(r["capgate_over_nginx_requests_per_s_saturated"], 3),
                 _num(r["capgate_over_litellm_added_latency_median"], 3),
                 _num(r["capgate_over_litellm_requests_per_s_saturated"], 1),
                 _num(r["capgate_over_litellm_cpu_per_request"], 3),

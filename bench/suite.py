@@ -13,7 +13,7 @@ from typing import Any
 
 from bench import machine, procstat, report, stats, tools
 from bench.capture import DEFAULT_CAPTURE, capture
-from bench.paths import CapgatePath, DirectPath, GatewayPath, LitellmPath
+from bench.paths import CapgatePath, DirectPath, GatewayPath, LitellmPath, NginxPath
 from bench.policy import users
 from bench.profile import profile_capgate
 from bench.runner import Batch, Plan, run_plan
@@ -59,6 +59,7 @@ class Options:
 def _paths(options: Options, workdir: Path, host: str, port: int, url: str) -> list[GatewayPath]:
     paths: list[GatewayPath] = [
         DirectPath(host, port, users()),
+        NginxPath(workdir / "nginx", url, options.gateway_core, users()),
         CapgatePath(workdir / "capgate", url, options.gateway_core),
     ]
     if options.litellm:
@@ -105,7 +106,7 @@ def run(options: Options) -> dict[str, Any]:
         "started_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": description,
         "pinning": (
-            f"gateway (capgate and its redis-server, or LiteLLM) on core {options.gateway_core}; "
+            f"gateway (capgate and its redis-server, nginx, or LiteLLM) on core {options.gateway_core}; "
             f"load generator and fake upstream on core {options.load_core}; vLLM as it binds itself "
             "(its OpenMP compute thread on core 0, its API server unpinned)"
         ),
@@ -117,6 +118,7 @@ def run(options: Options) -> dict[str, Any]:
         "notes": list(options.notes),
         "peak_memory_mib": {},
     }
+    description["nginx"] = tools.nginx_version(tools.ensure_nginx())
     if options.litellm:
         description["litellm"] = tools.ensure_litellm(tools.litellm_venv())
     workloads = [WORKLOADS[name] for name in options.workloads]

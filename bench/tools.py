@@ -1,8 +1,10 @@
-"""Benchmark-only tools, installed on first use into virtual environments of their own: the LiteLLM
-proxy; matplotlib for the plot (unless the running interpreter has it) and the py-spy profiler."""
+"""Benchmark-only tools, installed on first use: the LiteLLM proxy, matplotlib for the plot (unless
+the running interpreter has it) and the py-spy profiler into virtual environments of their own;
+Debian's nginx for the plain proxy hop."""
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +69,23 @@ def ensure_py_spy() -> Path:
     if not binary.exists():
         _install(venv, PROFILER_REQUIREMENT)
     return binary
+
+
+def ensure_nginx() -> Path:
+    """Debian's nginx, installed (its service not started) unless it is there."""
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if found is None:
+        print("bench: installing nginx from Debian", file=sys.stderr, flush=True)
+        script = f'source "{REPO}/scripts/common.sh" && apt_install_unstarted nginx'
+        subprocess.run(["bash", "-c", script], check=True)
+        found = shutil.which("nginx") or "/usr/sbin/nginx"
+    return Path(found)
+
+
+def nginx_version(binary: Path) -> str:
+    """`nginx -v`'s version (it prints to standard error)."""
+    printed = subprocess.run([str(binary), "-v"], capture_output=True, text=True, check=True).stderr
+    return printed.strip().rpartition("/")[2]
 
 
 def _version(python: Path, distribution: str) -> str:

@@ -56,6 +56,8 @@ class Flight:
     tally: StreamTally = field(default_factory=lambda: StreamTally(time.monotonic()))
     failures: set[Outcome] = field(default_factory=set)
     hung_up: bool = False
+    forwarded_at: float | None = None  # monotonic: handed to the API's serving code
+    answered_at: float | None = None  # monotonic: vLLM's answer began
 
     @property
     def model(self) -> str:

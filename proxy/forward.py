@@ -6,6 +6,7 @@ transport failures to a 504 (timed out) or a 502 (unreachable) counted in
 """
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,10 +35,10 @@ def upstream_request(
 
 
 async def send(pool: UpstreamPool, flight: Flight, request: httpx.Request, stream: bool) -> httpx.Response:
-    """vLLM's response (its body unread when `stream`); a transport failure is recorded on the
-    flight and raised as a 504 or 502 `APIError`."""
+    """vLLM's response (its body unread when `stream`), its arrival noted on the flight; a
+    transport failure is recorded on the flight and raised as a 504 or 502 `APIError`."""
     try:
-        return await pool.client.send(request, stream=stream)
+        response = await pool.client.send(request, stream=stream)
     except httpx.TimeoutException as exc:
         metrics.UPSTREAM_ERRORS.labels(kind="timeout").inc()
         flight.fail(Outcome.UPSTREAM_TIMEOUT)
@@ -50,6 +51,8 @@ async def send(pool: UpstreamPool, flight: Flight, request: httpx.Request, strea
         raise APIError(
             502, f"upstream unreachable: {exc}", type="upstream_error", code="upstream_unreachable"
         ) from exc
+    flight.answered_at = time.monotonic()
+    return response
 
 
 ReadAnswer = Callable[[dict], None]

@@ -43,6 +43,7 @@ from proxy.flight import Flight, Outcome, outcome_of, usage_event
 from proxy.generation import GenerationRequest
 from proxy.inbound import api_key, read_body
 from proxy.policy_store import PolicyStore
+from proxy.server_timing import GatewayTime
 from proxy.settings import Settings
 from proxy.streaming import run_shielded
 from proxy.upstream import UpstreamPool, UpstreamState
@@ -58,6 +59,18 @@ def _meter_unavailable(message: str) -> APIError:
     return APIError(
         503, message, type="service_unavailable", code="meter_unavailable", headers={"Retry-After": "1"}
     )
+
+
+def _timed(response: Response, started: float, flight: Flight | None) -> Response:
+    """`response` with its `Server-Timing` header (capgate's own time, the upstream's wait)."""
+    forwarded = answered = None
+    if flight is not None:
+        forwarded, answered = flight.forwarded_at, flight.answered_at
+    spent = GatewayTime.of(started, forwarded, answered, time.monotonic())
+    if spent.pre is not None:
+        metrics.OWN_TIME.observe(spent.total)
+    response.headers["server-timing"] = spent.header()
+    return response
 
 
 def _prompt_param(request: GenerationRequest) -> str:
@@ -113,25 +126,28 @@ class Gateway:
         try:
             flight, budget = await self._open(request, dialect, started)
         except APIError as error:
-            return dialect.render(error)
+            return _timed(dialect.render(error), started, None)
         finish = functools.partial(self._finish, flight, budget)
         try:
             context = self.pool.models().get(flight.model, flight.plan.ceiling)
-            metrics.ADDED.observe(time.monotonic() - started)
-            return await dialect.serve(
+            flight.forwarded_at = time.monotonic()
+            metrics.ADDED.observe(flight.forwarded_at - started)
+            response = await dialect.serve(
                 self.pool, self.meter, flight, budget, finish, flight.principal.tier.priority, context
             )
         except APIError as error:
             await run_shielded(finish)
-            return dialect.render(error)
+            response = dialect.render(error)
         except Exception as exc:
             log.error("request %s failed in capgate: %r", flight.request_id, exc, exc_info=exc)
             flight.fail(Outcome.RELAY_ERROR)
             await run_shielded(finish)
-            return dialect.render(APIError(500, "capgate failed to serve the request", type="server_error"))
+            failed = APIError(500, "capgate failed to serve the request", type="server_error")
+            response = dialect.render(failed)
         except BaseException:
             await run_shielded(finish)
             raise
+        return _timed(response, started, flight)
 
     def served_model(self, principal: Principal, model: str) -> int:
         """The context length of `model` when an upstream serves it and the caller's tier may use

@@ -62,6 +62,12 @@ ADDED = Histogram(
     "Time capgate itself spends on a request before forwarding it (auth, policy, reservation).",
     buckets=OVERHEAD_BUCKETS,
 )
+OWN_TIME = Histogram(
+    "capgate_own_time_seconds",
+    "Time capgate itself spends on a forwarded request until its response begins: all but the wait "
+    "for the upstream (the Server-Timing `capgate` entry).",
+    buckets=OVERHEAD_BUCKETS,
+)
 RESERVATIONS = Gauge(
     "capgate_reservations_outstanding",
     "Requests holding a reservation in Redis.",

@@ -23,6 +23,19 @@ apt_install() {
   # Debian starts a system redis-server on 6379 when it installs it; capgate runs its own.
 }
 
+# apt_install_unstarted PKG...: apt_install, with Debian's start of the package's service denied
+# (nginx would otherwise listen on every address, port 80); capgate's tests and bench run their own.
+apt_install_unstarted() {
+  local policy=/usr/sbin/policy-rc.d
+  if [ -e "$policy" ]; then apt_install "$@"; return; fi
+  printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+  as_root chmod +x "$policy"
+  local status=0
+  apt_install "$@" || status=$?
+  as_root rm -f "$policy"
+  return "$status"
+}
+
 # gateway_venv [EXTRAS]: the gateway's virtual environment with capgate installed (editable).
 gateway_venv() {
   local target=$ROOT

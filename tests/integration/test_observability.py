@@ -325,3 +325,47 @@ def test_two_workers_count_every_request_exactly_once(
             assert sample_sum(samples, "capgate_requests_total", {"outcome": "ok"}) == requests
     finally:
         gateway.stop()
+
+
+def timings(header: str) -> dict[str, float]:
+    """The durations (ms) of a `Server-Timing` header, by name."""
+    entries = {}
+    for entry in header.split(","):
+        name, *params = (part.strip() for part in entry.split(";"))
+        durations = [float(p[4:]) for p in params if p.startswith("dur=")]
+        assert len(durations) == 1, header
+        entries[name] = durations[0]
+    return entries
+
+
+def test_every_generation_response_tells_capgates_own_time_apart_from_the_upstreams(
+    observed: Observed,
+) -> None:
+    """Unary and streamed answers carry capgate's time before the upstream, the upstream's wait and
+    capgate's total, which add up within what the client waited; a refusal carries capgate's."""
+    gateway = observed.gateways[0]
+    client = openai_client(gateway.base_url, next(iter(DEMO_KEYS.values())))
+    unary_began = time.monotonic()
+    unary = client.chat.completions.with_raw_response.create(model="tiny", messages=MESSAGES, max_tokens=8)
+    unary_ms = (time.monotonic() - unary_began) * 1000
+    unary.parse()
+    with client.chat.completions.with_streaming_response.create(
+        model="tiny", messages=MESSAGES, max_tokens=8, stream=True
+    ) as streamed:
+        stream_header = streamed.headers["server-timing"]
+        assert any(line.startswith("data: [DONE]") for line in streamed.iter_lines())
+    for header, waited_ms in ((unary.headers["server-timing"], unary_ms), (stream_header, None)):
+        found = timings(header)
+        assert set(found) == {"capgate-pre", "upstream", "capgate"}, header
+        assert 0 < found["capgate-pre"] <= found["capgate"], header
+        assert found["upstream"] > 0, header
+        if waited_ms is not None:
+            assert found["capgate"] + found["upstream"] <= waited_ms, (header, waited_ms)
+    refused = httpx.post(
+        f"{gateway.base_url}/v1/chat/completions",
+        json={"model": "tiny", "messages": MESSAGES},
+        headers={"authorization": "Bearer sk-nobody"},
+        timeout=10,
+    )
+    assert refused.status_code == 401
+    assert set(timings(refused.headers["server-timing"])) == {"capgate"}

@@ -180,6 +180,7 @@ def test_health_and_vllm_dashboards_cover_their_topics() -> None:
     health = " ".join(q.expr for q in dashboard_queries(boards["capgate-health.json"]))
     for metric in (
         "capgate_added_latency_seconds_bucket",
+        "capgate_own_time_seconds_bucket",
         "capgate_redis_call_seconds_bucket",
         "capgate_redis_errors_total",
         "capgate_reservations_outstanding",

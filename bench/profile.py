@@ -1,6 +1,6 @@
-"""Where capgate's time goes: py-spy samples a fresh capgate process under the one-token load on the
-fast upstream, and the samples are summed by component (the innermost frame of a known package)
-and by frame."""
+"""Where capgate's time goes: py-spy samples a fresh capgate process under one workload on the fast
+upstream; the samples are summed by component (the innermost frame of a known package) and by
+frame, and drawn as a flame graph (`flame.svg` beside the raw samples)."""
 
 import subprocess
 from collections import Counter
@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from bench import tools
+from bench.flamegraph import flame_svg
 from bench.paths import CapgatePath
 from bench.runner import Plan, load_spec, run_load
-from bench.workloads import ONE_TOKEN
+from bench.workloads import Workload
 
 COMPONENTS = (
     ("upstream HTTP client (httpx, httpcore, anyio, h11)", ("httpx", "httpcore", "anyio/", "h11/")),
@@ -67,15 +68,21 @@ def summarize(raw: str, top: int = 15) -> dict[str, Any]:
 
 
 def profile_capgate(
-    workdir: Path, upstream_url: str, plan: Plan, core: str, concurrency: int, seconds: float
+    workdir: Path,
+    upstream_url: str,
+    plan: Plan,
+    core: str,
+    workload: Workload,
+    concurrency: int,
+    seconds: float,
 ) -> dict[str, Any]:
-    """Profile a fresh capgate on `core` for `seconds` under the one-token load at `concurrency`."""
+    """Profile a fresh capgate on `core` for `seconds` under `workload` at `concurrency`."""
     py_spy = tools.ensure_py_spy()
     out = workdir / "py-spy.txt"
     with CapgatePath(workdir, upstream_url, core) as capgate:
         assert capgate.pid is not None
         timed = replace(plan, duration_s=seconds + 1.0, requests=None)
-        spec = load_spec(timed, ONE_TOKEN, concurrency, capgate)
+        spec = load_spec(timed, workload, concurrency, capgate)
         record = [str(py_spy), "record", "--pid", str(capgate.pid), "--duration", str(int(seconds))]
         record += ["--rate", "200", "--format", "raw", "--output", str(out)]
         sampler = subprocess.Popen(record, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -83,5 +90,15 @@ def profile_capgate(
             run_load(spec, plan.load_core, capgate)
         finally:
             sampler.wait(timeout=seconds + 60)
-    summary = summarize(out.read_text() if out.exists() else "")
-    return {"concurrency": concurrency, "seconds": seconds, **summary}
+    raw = out.read_text() if out.exists() else ""
+    title = f"capgate, {workload.name} at concurrency {concurrency}"
+    flame = workdir / "flame.svg"
+    flame.write_text(flame_svg(raw, title))
+    summary = summarize(raw)
+    return {
+        "workload": workload.name,
+        "concurrency": concurrency,
+        "seconds": seconds,
+        "flame_graph": str(flame),
+        **summary,
+    }

@@ -131,11 +131,13 @@ def _cells(results: dict[str, Any], upstream: str) -> list[str]:
 def _profiles(profiles: list[dict[str, Any]]) -> list[str]:
     lines: list[str] = []
     for found in profiles:
+        load = f"{found['workload']} at concurrency {found['concurrency']}"
+        samples = f"{found['samples']} samples over {found['seconds']:.0f} s"
         lines += [
             "",
-            f"## Where capgate's time goes: py-spy, one-token load at concurrency {found['concurrency']}",
+            f"## Where capgate's time goes: py-spy, {load}",
             "",
-            f"{found['samples']} samples over {found['seconds']:.0f} s.",
+            f"{samples}; flame graph: `{found['flame_graph']}`",
             "",
         ]
         lines += _table(

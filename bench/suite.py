@@ -22,7 +22,7 @@ from bench.workloads import MODEL, WORKLOADS
 from tests.harness.vllm_server import vllm_venv
 
 FAKE, VLLM = "fake", "vllm"
-PROFILE_LEVELS = (1, 64)
+PROFILE_LEVELS = {"one_token": (1, 64), "stream_256": (16,)}  # the concurrency of each profile
 ABOUT = {
     FAKE: (
         "The fast upstream (`bench/fake_upstream.py`) replays bytes captured from the real vLLM, "
@@ -166,9 +166,16 @@ def run(options: Options) -> dict[str, Any]:
         if options.profile:
             results["profiles"] = [
                 profile_capgate(
-                    workdir / "profile" / f"c{level}", fake.url, plan, options.gateway_core, level, 8.0
+                    workdir / "profile" / f"{workload.name}-c{level}",
+                    fake.url,
+                    plan,
+                    options.gateway_core,
+                    workload,
+                    level,
+                    8.0,
                 )
-                for level in PROFILE_LEVELS
+                for workload in workloads
+                for level in PROFILE_LEVELS.get(workload.name, ())
             ]
     results["levels"][FAKE] = options.levels
     results["upstreams"] = {FAKE: ABOUT[FAKE], **results["upstreams"]}

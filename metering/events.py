@@ -39,10 +39,9 @@ class UsageEvent:
 
     def ledger_fields(self) -> list[str]:
         """Flat field/value pairs for XADD, in `LEDGER_FIELDS` order."""
-        values = asdict(self)
         flat: list[str] = []
         for name in LEDGER_FIELDS:
-            value = values[name]
+            value = getattr(self, name)  # the fields are flat: no deep copy as `asdict` makes
             flat += [name, "" if value is None else _text(value)]
         return flat
 

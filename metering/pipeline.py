@@ -55,6 +55,11 @@ def _keep_alive(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
+def _expire(waiter: asyncio.Future[object]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError("redis did not answer in time"))
+
+
 class ReplyError(Exception):
     """Redis answered the command with an error."""
 
@@ -168,17 +173,29 @@ class ScriptConnection:
             return self._replies
 
     async def _call(self, command: tuple[Arg, ...]) -> object:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
         sent_at = time.monotonic()
+        replies = self._replies
+        if replies is None or replies.lost is not None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    replies = await self._connection()
+            except TimeoutError:
+                self._timed_out(sent_at)
+                raise
+        if len(replies.waiting) >= self.max_in_flight:
+            raise ConnectionError(f"{self.max_in_flight} redis calls already in flight")
+        sent_at = time.monotonic()
+        waiter = replies.send(hiredis.pack_command(command))
+        timer = loop.call_at(deadline, _expire, waiter)  # a plain timer: no task cancellation
         try:
-            async with asyncio.timeout(self.timeout_s):
-                replies = await self._connection()
-                if len(replies.waiting) >= self.max_in_flight:
-                    raise ConnectionError(f"{self.max_in_flight} redis calls already in flight")
-                sent_at = time.monotonic()
-                reply = await replies.send(hiredis.pack_command(command))
+            reply = await waiter
         except TimeoutError:
             self._timed_out(sent_at)
             raise
+        finally:
+            timer.cancel()
         self._timeouts_in_a_row = 0
         if isinstance(reply, hiredis.ReplyError):
             raise ReplyError(str(reply))

@@ -44,9 +44,33 @@ def _month_index(moment: datetime) -> int:
     return moment.year * 12 + moment.month - 1
 
 
+_SLOTS_KEPT = 4096
+_slots: dict[tuple[int, bool], tuple[Window, float, float, WindowSlot]] = {}
+
+
 def slot_of(window: Window, now: float, spend: bool = False) -> WindowSlot:
     """The slot `now` (seconds since the epoch, UTC) falls in for `window`; its cap is the
-    window's tokens, or with `spend` its money in nano-units."""
+    window's tokens, or with `spend` its money in nano-units. A slot is computed once per window
+    and period (kept for the window object it was computed for, at most `_SLOTS_KEPT` of them)."""
+    key = (id(window), spend)
+    kept = _slots.get(key)
+    if kept is not None and kept[0] is window and kept[1] <= now < kept[2]:
+        return kept[3]
+    slot = _slot_at(window, now, spend)
+    if slot.bucket_s is not None:
+        begins, ends = slot.current * slot.bucket_s, (slot.current + 1) * slot.bucket_s
+    else:
+        assert slot.resets_at is not None
+        # a month's length varies: its slot is kept from the first moment it was asked for
+        begins = now if window.per == "month" else slot.resets_at - _LENGTH_S[window.per]
+        ends = slot.resets_at
+    if len(_slots) >= _SLOTS_KEPT:
+        _slots.clear()
+    _slots[key] = (window, begins, ends, slot)
+    return slot
+
+
+def _slot_at(window: Window, now: float, spend: bool) -> WindowSlot:
     cap = _cap(window, spend)
     length = _LENGTH_S[window.per]
     ttl = 2 * length + 60

@@ -11,6 +11,7 @@ from redis.asyncio.cluster import RedisCluster
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp
 
 from metering import pipeline
 from metering.accounts import AccountStore
@@ -24,6 +25,7 @@ from proxy.admin.api_router import admin_routes
 from proxy.admin.serving import AccountService
 from proxy.admission import Admission
 from proxy.anthropic.api_router import anthropic_routes
+from proxy.direct_routes import DirectRoutes
 from proxy.directory import Directory
 from proxy.errors import APIError, route_error
 from proxy.gateway import Gateway
@@ -80,20 +82,21 @@ async def _housekeeping(gateway: Gateway) -> None:
         metrics.SPOOL_BYTES.set(gateway.settler.spool.size())
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The gateway app for `settings`; clients and background tasks live in its lifespan."""
+def create_app(settings: Settings) -> ASGIApp:
+    """The gateway app for `settings`; clients and background tasks live in its lifespan. The
+    generation routes are served in front of the framework (`proxy.direct_routes`)."""
     policies = PolicyStore(settings.policy_file, settings.policy_poll_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         timeouts = settings.timeouts
+        transport = Http1Transport()
         client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeouts.read_s, connect=timeouts.connect_s),
-            transport=Http1Transport(),
+            timeout=httpx.Timeout(timeouts.read_s, connect=timeouts.connect_s), transport=transport
         )
         redis = redis_client(settings)
         scripts = script_connection(settings)
-        pool = UpstreamPool(settings, client)
+        pool = UpstreamPool(settings, client, transport)
         meter = Meter(redis, lease_ttl_s=settings.lease_ttl_s, scripts=scripts)
         settler = Settler(meter, Spool(settings.spool_dir, settings.spool_max_bytes))
         admission = Admission(settings.admission, pool, meter)
@@ -145,9 +148,12 @@ def create_app(settings: Settings) -> FastAPI:
     def gateway_of(request: Request) -> Gateway:
         return request.app.state.gateway
 
-    app.router.routes.extend(openai_routes(gateway_of))
-    app.router.routes.extend(anthropic_routes(gateway_of))
-    app.router.routes.extend(responses_routes(gateway_of))
+    generation = [
+        *openai_routes(gateway_of),
+        *anthropic_routes(gateway_of),
+        *responses_routes(gateway_of),
+    ]
+    app.router.routes.extend(generation)
     app.router.routes.extend(admin_routes(gateway_of, lambda request: request.app.state.accounts))
 
     @app.get("/v1/models")
@@ -196,9 +202,9 @@ def create_app(settings: Settings) -> FastAPI:
         policy = gateway.policies.index.policy
         return await user_usage(gateway.meter.redis, principal, policy.currency)
 
-    return app
+    return DirectRoutes(app, generation)
 
 
-def app_from_environment() -> FastAPI:
+def app_from_environment() -> ASGIApp:
     """The app for `uvicorn --factory`: settings from `$CAPGATE_CONFIG` and the environment."""
     return create_app(load_settings())

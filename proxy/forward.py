@@ -25,20 +25,28 @@ log = logging.getLogger("capgate.forward")
 def upstream_request(
     pool: UpstreamPool, flight: Flight, body: dict[str, Any], headers: dict[str, str] | None = None
 ) -> httpx.Request:
-    """The request vLLM gets: `body` as JSON to the flight's endpoint on its upstream."""
-    return pool.client.build_request(
+    """The request vLLM gets: `body` as JSON to the flight's endpoint on its upstream, with the
+    client's timeouts."""
+    return httpx.Request(
         "POST",
-        flight.upstream.upstream.url + flight.endpoint,
+        pool.url(flight.upstream, flight.endpoint),
         content=orjson.dumps(body),
         headers={"content-type": "application/json", "x-request-id": flight.request_id, **(headers or {})},
+        extensions={"timeout": pool.timeouts},
     )
 
 
 async def send(pool: UpstreamPool, flight: Flight, request: httpx.Request, stream: bool) -> httpx.Response:
-    """vLLM's response (its body unread when `stream`), its arrival noted on the flight; a
-    transport failure is recorded on the flight and raised as a 504 or 502 `APIError`."""
+    """vLLM's response (its body unread when `stream`, read to its end otherwise), its arrival
+    noted on the flight; a transport failure is recorded on the flight and raised as a 504 or
+    502 `APIError`."""
     try:
-        response = await pool.client.send(request, stream=stream)
+        response = await pool.transport.handle_async_request(request)
+        if not stream:
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
     except httpx.TimeoutException as exc:
         metrics.UPSTREAM_ERRORS.labels(kind="timeout").inc()
         flight.fail(Outcome.UPSTREAM_TIMEOUT)

@@ -212,7 +212,7 @@ class Gateway:
                 request_id,
                 principal,
                 generation,
-                request.url.path,
+                request.scope["path"],
                 started,
                 plan,
                 ticket.upstream,

@@ -88,13 +88,34 @@ def parse_load(text: str, now: float) -> Load | None:
 
 
 class UpstreamPool:
-    """All configured upstreams and the one `httpx.AsyncClient` used to reach them."""
+    """All configured upstreams and the one `httpx.AsyncClient` used to reach them. Generation
+    requests go to the client's `transport` directly (`proxy.forward`): the client's own layers
+    (URL merging, cookies, auth, redirects, event hooks) do nothing for them but cost time."""
 
-    def __init__(self, settings: Settings, client: httpx.AsyncClient) -> None:
+    def __init__(
+        self, settings: Settings, client: httpx.AsyncClient, transport: httpx.AsyncBaseTransport
+    ) -> None:
         self.settings = settings
         self.client = client
+        self.transport = transport
+        timeouts = settings.timeouts
+        self.timeouts = {
+            "connect": timeouts.connect_s,
+            "read": timeouts.read_s,
+            "write": timeouts.read_s,
+            "pool": timeouts.read_s,
+        }
         self.states = [UpstreamState(upstream) for upstream in settings.upstreams]
+        self._urls: dict[tuple[str, str], httpx.URL] = {}
         self._poller: asyncio.Task[None] | None = None
+
+    def url(self, state: UpstreamState, path: str) -> httpx.URL:
+        """The URL of `path` on `state`'s upstream (parsed once)."""
+        key = (state.upstream.url, path)
+        found = self._urls.get(key)
+        if found is None:
+            found = self._urls[key] = httpx.URL(key[0] + path)
+        return found
 
     def models(self) -> dict[str, int]:
         """Every model served by a healthy upstream, with its context length."""
@@ -118,6 +139,13 @@ class UpstreamPool:
         """The healthy upstreams serving `model` (only the one at `url` when given), least loaded
         first (vLLM's running and waiting requests, then this process's requests in flight;
         unknown load counts as none)."""
+        serving = [
+            state
+            for state in self.states
+            if state.healthy and model in state.models and (url is None or state.upstream.url == url)
+        ]
+        if len(serving) < 2:
+            return serving
         now = time.monotonic()
         stale = self.settings.admission.stale_after_s
 
@@ -126,8 +154,7 @@ class UpstreamPool:
             queued = load.waiting + load.running if load is not None else 0.0
             return (queued, state.in_flight)
 
-        serving = (s for s in self.states if s.healthy and model in s.models)
-        return sorted((s for s in serving if url is None or s.upstream.url == url), key=weight)
+        return sorted(serving, key=weight)
 
     def pick(self, model: str, url: str | None = None) -> UpstreamState | None:
         """The least loaded healthy upstream serving `model` (the one at `url` when given)."""

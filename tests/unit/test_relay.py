@@ -2,8 +2,11 @@
 
 import json
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from proxy.generation import UsageMode
-from proxy.relay import StreamTally, cut_events, split_usage
+from proxy.relay import StreamTally, cut_events, split_usage, split_usage_decoding
 
 CHUNK = (
     b'{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"tiny","choices":[{"index":0,'
@@ -30,6 +33,34 @@ def test_split_usage_returns_usage_and_the_chunk_without_it() -> None:
 def test_split_usage_leaves_chunks_without_usage_alone() -> None:
     chunk = b'{"id":"x","choices":[{"delta":{"content":"\\"usage\\":{}"}}]}'
     assert split_usage(chunk) == (None, chunk)
+
+
+def test_split_usage_reads_nested_details_and_null_usage() -> None:
+    nested = b'{"choices":[],"usage":{"prompt_tokens":9,"prompt_tokens_details":{"cached_tokens":4}},"x":{}}'
+    assert split_usage(nested) == (
+        {"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": 4}},
+        b'{"choices":[],"x":{}}',
+    )
+    assert split_usage(b'{"choices":[],"usage":null}') == (None, b'{"choices":[]}')
+
+
+_USAGE_VALUES = st.recursive(
+    st.none() | st.integers(-(2**40), 2**40) | st.text(max_size=8),
+    lambda inner: st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=8,
+)
+
+
+@given(
+    usage=st.dictionaries(st.text(max_size=8), _USAGE_VALUES, max_size=5) | st.none(),
+    after=st.dictionaries(st.text(max_size=6), _USAGE_VALUES, max_size=3),
+)
+def test_split_usage_agrees_with_decoding_the_whole_rest(usage: dict | None, after: dict) -> None:
+    """Whatever the usage holds (strings with braces included), the byte-cut reading and the
+    stdlib's full decoding give the same usage and the same rest."""
+    chunk = {"id": "c", "choices": [{"delta": {"content": "{}"}}], "usage": usage, **after}
+    payload = json.dumps(chunk, separators=(",", ":"), ensure_ascii=False).encode()
+    assert split_usage(payload) == split_usage_decoding(payload)
 
 
 def test_cut_events_finish_open_choices_with_length_and_usage() -> None:

@@ -18,7 +18,8 @@ def _card(model: str, upstream: str, context: int) -> dict:
 @pytest.fixture
 def pool() -> UpstreamPool:
     settings = load_settings(env={"CAPGATE_UPSTREAMS": "http://a:8000, http://b:8000, http://c:8000"})
-    return UpstreamPool(settings, httpx.AsyncClient())
+    transport = httpx.AsyncHTTPTransport()
+    return UpstreamPool(settings, httpx.AsyncClient(transport=transport), transport)
 
 
 def test_model_cards_are_merged_over_the_healthy_upstreams_each_id_once(pool: UpstreamPool) -> None:

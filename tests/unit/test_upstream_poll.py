@@ -25,7 +25,8 @@ def polled(fail: Callable[[], Exception | None]) -> UpstreamPool:
         return httpx.Response(200, text="vllm:num_requests_running 0\n")
 
     settings = load_settings(env={"CAPGATE_UPSTREAMS": "http://a:8000"})
-    return UpstreamPool(settings, httpx.AsyncClient(transport=httpx.MockTransport(answer)))
+    transport = httpx.MockTransport(answer)
+    return UpstreamPool(settings, httpx.AsyncClient(transport=transport), transport)
 
 
 @pytest.mark.parametrize(

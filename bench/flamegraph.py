@@ -43,6 +43,14 @@ def _colour(frame: str) -> str:
     return f"rgb(230,{110 + shade},{40 + shade // 2})" if not own else f"rgb({60 + shade},150,220)"
 
 
+def _label(frame: str, width: float) -> str:
+    """`frame` as much as fits in a box `width` pixels wide (cut with an ellipsis, or empty)."""
+    fits = int((width - 4) / _CHAR_PX)
+    if len(frame) <= fits:
+        return frame
+    return frame[: fits - 1] + "…" if fits > 1 else ""
+
+
 def _depth(node: _Node) -> int:
     return 1 + max((_depth(child) for child in node.children.values()), default=0)
 
@@ -59,8 +67,7 @@ def flame_svg(raw: str, title: str) -> str:
             share = node.samples / root.samples
             width = WIDTH * share
             if share >= MIN_SHARE:
-                fits = max(0, int((width - 4) / _CHAR_PX))
-                label = frame if len(frame) <= fits else frame[: max(0, fits - 1)] + "…" if fits > 1 else ""
+                label = _label(frame, width)
                 box = f'x="{x:.1f}" y="{y}" width="{width:.1f}" height="{ROW - 1}"'
                 boxes.append(
                     f"<g><title>{escape(frame)} ({share:.1%})</title>"

@@ -187,11 +187,11 @@ def targets(
     one = _find(table, upstream=upstream, workload="one_token", concurrency=1, path=CAPGATE)
     stream = _find(table, upstream=upstream, workload="stream_256", concurrency=1, path=CAPGATE)
     ratio = _find(ratio_table, upstream=upstream, workload="one_token")
-    busiest = [e for e in table if e["upstream"] == upstream and e["path"] == CAPGATE]
+    capgate_cells = [e for e in table if e["upstream"] == upstream and e["path"] == CAPGATE]
     per_core = max(
-        (e["requests_per_s"] or 0.0 for e in busiest if e["workload"] == "one_token"), default=None
+        (e["requests_per_s"] or 0.0 for e in capgate_cells if e["workload"] == "one_token"), default=None
     )
-    streamed = [e for e in busiest if e["workload"] == "stream_256" and e.get("tokens")]
+    streamed = [e for e in capgate_cells if e["workload"] == "stream_256" and e.get("tokens")]
     cpu_per_token = None
     if streamed and all(e.get("gateway_cpu_us_per_token") is not None for e in streamed):
         cpu_per_token = max(e["gateway_cpu_us_per_token"] for e in streamed)

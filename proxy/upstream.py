@@ -98,13 +98,7 @@ class UpstreamPool:
         self.settings = settings
         self.client = client
         self.transport = transport
-        timeouts = settings.timeouts
-        self.timeouts = {
-            "connect": timeouts.connect_s,
-            "read": timeouts.read_s,
-            "write": timeouts.read_s,
-            "pool": timeouts.read_s,
-        }
+        self.timeouts = client.timeout.as_dict()  # what the client would hand its transport
         self.states = [UpstreamState(upstream) for upstream in settings.upstreams]
         self._urls: dict[tuple[str, str], httpx.URL] = {}
         self._poller: asyncio.Task[None] | None = None

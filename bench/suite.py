@@ -22,7 +22,7 @@ from bench.workloads import MODEL, WORKLOADS
 from tests.harness.vllm_server import vllm_venv
 
 FAKE, VLLM = "fake", "vllm"
-PROFILE_LEVELS = {"one_token": (1, 64), "stream_256": (16,)}  # the concurrency of each profile
+PROFILE_LEVELS = {"one_token": (1, 64), "stream_256": (16,), "mix": (64,)}  # each profile's concurrency
 ABOUT = {
     FAKE: (
         "The fast upstream (`bench/fake_upstream.py`) replays bytes captured from the real vLLM, "

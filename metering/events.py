@@ -48,10 +48,6 @@ class UsageEvent:
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
 
-    @classmethod
-    def from_json(cls, text: str) -> "UsageEvent":
-        return cls(**json.loads(text))
-
 
 def _text(value: object) -> str:
     if isinstance(value, float):

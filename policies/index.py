@@ -57,7 +57,3 @@ class PolicyIndex:
     def principal_for_user(self, user_id: str) -> Principal | None:
         """The principal of a user id, or None when the policy has no such user."""
         return self._users.get(user_id)
-
-    def principals(self) -> list[Principal]:
-        """Every user of the policy."""
-        return list(self._users.values())

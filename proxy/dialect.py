@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import Response
 
-from metering.lease import StreamBudget
 from metering.meter import Meter, StoredResponse
 from metering.prompt import TemplateOverhead
+from metering.stream_budget import StreamBudget
 from policies.index import Principal
 from proxy.errors import APIError
 from proxy.flight import Flight

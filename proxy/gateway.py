@@ -18,7 +18,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from metering.events import UsageEvent
-from metering.lease import StreamBudget
 from metering.meter import (
     AccountMoving,
     CapExceeded,
@@ -30,6 +29,7 @@ from metering.meter import (
 )
 from metering.prompt import TemplateOverhead
 from metering.settler import Settler
+from metering.stream_budget import StreamBudget
 from metering.windows import Scope
 from policies.budget import BudgetPlan, OutputsOverCap, PromptOverCap, plan_budget
 from policies.index import Principal

@@ -17,7 +17,7 @@ from time import monotonic
 import httpx
 import orjson
 
-from metering.lease import StreamBudget
+from metering.stream_budget import StreamBudget
 from proxy.generation import UsageMode
 
 _USAGE = b',"usage":'

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from harness import RedisCluster, RedisServer, VllmServer, stop_all_on_sigterm
+
+from tests.harness import RedisCluster, RedisServer, VllmServer, stop_all_on_sigterm
 
 ALIAS = "tiny-b"  # the session vLLM's second name for its model
 

@@ -19,9 +19,9 @@ import httpx
 import orjson
 from starlette.responses import Response
 
-from metering.lease import StreamBudget
 from metering.meter import Meter
 from metering.prompt import TemplateOverhead, messages_prompt_bound
+from metering.stream_budget import StreamBudget
 from proxy.anthropic.protocol import error_event
 from proxy.errors import APIError
 from proxy.flight import Flight

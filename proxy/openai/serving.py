@@ -15,9 +15,9 @@ import httpx
 import orjson
 from starlette.responses import Response
 
-from metering.lease import StreamBudget
 from metering.meter import Meter
 from metering.prompt import TemplateOverhead, chat_prompt_bound, completion_prompt_bound
+from metering.stream_budget import StreamBudget
 from policies.budget import per_output_limit
 from proxy import forward
 from proxy.errors import APIError

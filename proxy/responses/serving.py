@@ -21,9 +21,9 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
-from metering.lease import StreamBudget
 from metering.meter import Meter, MeterUnavailable, StoredResponse
 from metering.prompt import TemplateOverhead, responses_prompt_bound
+from metering.stream_budget import StreamBudget
 from policies.index import Principal
 from proxy.errors import APIError
 from proxy.flight import Flight

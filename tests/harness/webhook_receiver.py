@@ -23,7 +23,6 @@ class WebhookReceiver:
         self.port = free_port()
         self.events: list[dict] = []
         self.bad_signatures = 0
-        self.posts = 0
         self.refuse = 0
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -51,7 +50,6 @@ class WebhookReceiver:
 
     def take(self, body: bytes, signature: str, headers: object) -> int:
         with self._lock:
-            self.posts += 1
             if self.refuse > 0:
                 self.refuse -= 1
                 return 503

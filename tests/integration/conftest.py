@@ -6,8 +6,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from harness import RedisServer, VllmServer
-from harness.capgate_server import CapgateServer
+
+from tests.harness import RedisServer, VllmServer
+from tests.harness.capgate_server import CapgateServer
 
 
 @pytest.fixture(scope="session")

@@ -29,13 +29,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from harness import RedisCluster, RedisServer, VllmServer
-from harness.capgate_server import REPO, CapgateServer, replicas
-from harness.clients import openai_client
-from harness.ledger import generated, ledger, wait_for_events
-from harness.policies import ADMIN_KEY
 
 from policies.keys import hash_key
+from tests.harness import RedisCluster, RedisServer, VllmServer
+from tests.harness.capgate_server import REPO, CapgateServer, replicas
+from tests.harness.clients import openai_client
+from tests.harness.ledger import generated, ledger, wait_for_events
+from tests.harness.policies import ADMIN_KEY
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from harness import VllmServer
+
+from tests.harness import VllmServer
 
 REPO = Path(__file__).resolve().parents[2]
 REQUESTS = 6
@@ -26,7 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench")
     command = [
-        sys.executable, "-m", "bench", "--quick", "--no-vllm", "--no-plot",
+        sys.executable, "-m", "bench.gateway", "--quick", "--no-vllm", "--no-plot",
         "--levels", ",".join(map(str, LEVELS)), "--requests", str(REQUESTS), "--out", str(out),
     ]  # fmt: skip
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)

@@ -13,12 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from harness import RedisServer, VllmServer, sample_sum
-from harness.capgate_server import CapgateServer
-from harness.capgate_server import replicas as two_replicas
-from harness.clients import openai_client
-from harness.ledger import usage_left, wait_for_events
-from harness.policies import key_of, write_policy
+
+from tests.harness import RedisServer, VllmServer, sample_sum
+from tests.harness.capgate_server import CapgateServer
+from tests.harness.capgate_server import replicas as two_replicas
+from tests.harness.clients import openai_client
+from tests.harness.ledger import usage_left, wait_for_events
+from tests.harness.policies import key_of, write_policy
 
 pytestmark = pytest.mark.integration
 

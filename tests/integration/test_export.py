@@ -18,16 +18,16 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from harness import RedisCluster, RedisServer, VllmServer, parse, sample_sum
-from harness.capgate_server import CapgateServer, replicas
-from harness.clients import openai_client
-from harness.exporter_process import ExporterProcess
-from harness.ledger import ledger
-from harness.policies import ADMIN_KEY, key_of, write_policy
-from harness.postgres_server import PostgresServer
-from harness.webhook_receiver import WebhookReceiver
 
 from policies.keys import hash_key
+from tests.harness import RedisCluster, RedisServer, VllmServer, parse, sample_sum
+from tests.harness.capgate_server import CapgateServer, replicas
+from tests.harness.clients import openai_client
+from tests.harness.exporter_process import ExporterProcess
+from tests.harness.ledger import ledger
+from tests.harness.policies import ADMIN_KEY, key_of, write_policy
+from tests.harness.postgres_server import PostgresServer
+from tests.harness.webhook_receiver import WebhookReceiver
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -12,7 +12,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-from harness import RedisServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
@@ -21,6 +20,7 @@ from metering.export import jsonl as jsonl_module
 from metering.export.exporter import Exporter, Shard
 from metering.export.jsonl import JsonlSink
 from metering.ledger import Trimmer
+from tests.harness import RedisServer
 
 pytestmark = pytest.mark.integration
 POINTS = ("before_write", "after_data", "after_journal", "between_acks")

@@ -16,14 +16,15 @@ from urllib.parse import urlsplit
 import httpx
 import openai
 import pytest
-from harness import RedisServer, VllmServer
-from harness.capgate_server import CapgateServer
-from harness.clients import openai_client
-from harness.fault_proxy import FaultProxy
-from harness.ledger import generated, ledger, wait_for_events
-from harness.policies import key_of, write_policy
-from harness.processes import port_is_free
-from harness.relay_proxy import RelayProxy
+
+from tests.harness import RedisServer, VllmServer
+from tests.harness.capgate_server import CapgateServer
+from tests.harness.clients import openai_client
+from tests.harness.fault_proxy import FaultProxy
+from tests.harness.ledger import generated, ledger, wait_for_events
+from tests.harness.policies import key_of, write_policy
+from tests.harness.processes import port_is_free
+from tests.harness.relay_proxy import RelayProxy
 
 pytestmark = pytest.mark.integration
 

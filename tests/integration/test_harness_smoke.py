@@ -6,7 +6,8 @@ import json
 
 import httpx
 import pytest
-from harness import RedisCluster, RedisServer, VllmServer, sample_sum
+
+from tests.harness import RedisCluster, RedisServer, VllmServer, sample_sum
 
 pytestmark = pytest.mark.integration
 

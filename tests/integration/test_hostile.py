@@ -13,12 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from harness import RedisServer
-from harness.capgate_server import CapgateServer
-from harness.ledger import ledger, usage_left, wait_for_events
-from harness.policies import key_of, write_policy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from tests.harness import RedisServer
+from tests.harness.capgate_server import CapgateServer
+from tests.harness.ledger import ledger, usage_left, wait_for_events
+from tests.harness.policies import key_of, write_policy
 
 pytestmark = pytest.mark.integration
 

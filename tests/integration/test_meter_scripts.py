@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from harness import RedisServer, free_port
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.crc import key_slot
@@ -34,6 +33,7 @@ from metering.spool import Spool
 from metering.windows import Scope
 from policies.pricing import Usage, value_nano
 from policies.schema import Tier
+from tests.harness import RedisServer, free_port
 
 pytestmark = pytest.mark.integration
 T = TypeVar("T")

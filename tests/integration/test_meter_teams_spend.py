@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import pytest
-from harness import RedisCluster, RedisServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
@@ -24,6 +23,7 @@ from metering.meter import AccountMoving, CapExceeded, Meter, ReserveRequest
 from metering.windows import Scope, counters_of
 from policies.pricing import Rates, Usage
 from policies.schema import Tier, Window
+from tests.harness import RedisCluster, RedisServer
 
 pytestmark = pytest.mark.integration
 T = TypeVar("T")

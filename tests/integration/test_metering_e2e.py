@@ -17,26 +17,27 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from harness import RedisCluster, RedisServer, VllmServer, sample_sum
-from harness.capgate_server import CapgateServer
-from harness.capgate_server import replicas as harness_replicas
-from harness.clients import openai_client
-from harness.ledger import generated, usage_left, wait_for_events
-from harness.policies import key_of, write_policy
-from harness.relay_proxy import RelayProxy
+
+from tests.harness import RedisCluster, RedisServer, VllmServer, sample_sum
+from tests.harness.capgate_server import CapgateServer
+from tests.harness.capgate_server import replicas as harness_replicas
+from tests.harness.clients import openai_client
+from tests.harness.ledger import generated, usage_left, wait_for_events
+from tests.harness.policies import key_of, write_policy
+from tests.harness.relay_proxy import RelayProxy
 
 pytestmark = pytest.mark.integration
 
 # vLLM reports nothing for the tokens it generates between the proxy closing a stream (cut or
 # hang-up) and the engine processing the abort. With an idle proxy that is 0 in most aborts and at
-# most 2 tokens (ABORT_GAP); when a lease refusal cuts a stream while the proxy is short of CPU,
+# most 2 tokens; when a lease refusal cuts a stream while the proxy is short of CPU,
 # vLLM runs further ahead before it sees the cut, bounded here by one lease (see README).
-ABORT_GAP = 2
 # 100 streams arrive at once on a 2-core machine that also runs vLLM: give Redis calls more than the
 # production default of 0.5 s before they count as an outage (the outage test keeps the default).
 BURST_SETTINGS = {"timeouts": {"redis_s": 5.0}}
 SLOW_LINK = 20_000  # bytes/s from vLLM to capgate: ~70 streamed tokens a second
-# A stream that outlasts a hang-up and the proxy's 1 s drain even where vLLM makes ~1000 tokens a second.
+# A stream that outlasts any drain (0.25 s after a hang-up, 1 s after a cut) even where vLLM makes
+# ~1000 tokens a second.
 LONG_STREAM = 7000
 PRICES = {"prompt": "0.20 USD/1M", "completion": "0.80 USD/1M"}
 TIERS = {

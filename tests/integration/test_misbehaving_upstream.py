@@ -10,10 +10,11 @@ from collections.abc import Callable
 
 import httpx
 import pytest
-from harness.capgate_server import CapgateServer
-from harness.ledger import wait_for_events
-from harness.policies import key_of, write_policy
-from harness.scripted_upstream import ScriptedUpstream
+
+from tests.harness.capgate_server import CapgateServer
+from tests.harness.ledger import wait_for_events
+from tests.harness.policies import key_of, write_policy
+from tests.harness.scripted_upstream import ScriptedUpstream
 
 pytestmark = pytest.mark.integration
 

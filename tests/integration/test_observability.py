@@ -22,13 +22,13 @@ import httpx
 import openai
 import pytest
 import yaml
-from harness import RedisServer, VllmServer, parse, sample_sum
-from harness.capgate_server import CapgateServer
-from harness.clients import openai_client
-from harness.prometheus_server import PanelQuery, PrometheusServer, dashboard_queries, metric_names
 from prometheus_client.mmap_dict import MmapedDict
 
 from policies.keys import hash_key
+from tests.harness import RedisServer, VllmServer, parse, sample_sum
+from tests.harness.capgate_server import CapgateServer
+from tests.harness.clients import openai_client
+from tests.harness.prometheus_server import PanelQuery, PrometheusServer, dashboard_queries, metric_names
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -13,10 +13,11 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from harness import RedisServer, VllmServer
-from harness.capgate_server import REPO, CapgateServer
-from harness.clients import openai_client
-from harness.policies import ADMIN_KEY, key_of, write_policy
+
+from tests.harness import RedisServer, VllmServer
+from tests.harness.capgate_server import REPO, CapgateServer
+from tests.harness.clients import openai_client
+from tests.harness.policies import ADMIN_KEY, key_of, write_policy
 
 pytestmark = pytest.mark.integration
 

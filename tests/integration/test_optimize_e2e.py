@@ -13,11 +13,11 @@ import httpx
 import openai
 import pytest
 import yaml
-from harness.capgate_server import REPO, CapgateServer
-from harness.clients import openai_client
-from harness.policies import ADMIN_KEY, key_of
 
 from policies.keys import hash_key
+from tests.harness.capgate_server import REPO, CapgateServer
+from tests.harness.clients import openai_client
+from tests.harness.policies import ADMIN_KEY, key_of
 
 pytestmark = pytest.mark.integration
 

@@ -8,11 +8,12 @@ import json
 import httpx
 import openai
 import pytest
-from harness import VllmServer
-from harness.capgate_server import CapgateServer
-from harness.clients import openai_client
-from harness.vllm_server import MAX_MODEL_LEN
 from openai import OpenAI
+
+from tests.harness import VllmServer
+from tests.harness.capgate_server import CapgateServer
+from tests.harness.clients import openai_client
+from tests.harness.vllm_server import MAX_MODEL_LEN
 
 pytestmark = pytest.mark.integration
 

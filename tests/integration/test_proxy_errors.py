@@ -10,10 +10,11 @@ from collections.abc import Callable
 
 import httpx
 import pytest
-from harness import VllmServer, sample_sum
-from harness.capgate_server import CapgateServer
-from harness.processes import free_port
-from harness.vllm_server import MAX_MODEL_LEN
+
+from tests.harness import VllmServer, sample_sum
+from tests.harness.capgate_server import CapgateServer
+from tests.harness.processes import free_port
+from tests.harness.vllm_server import MAX_MODEL_LEN
 
 pytestmark = pytest.mark.integration
 

@@ -17,13 +17,14 @@ import anthropic
 import httpx
 import openai
 import pytest
-from harness import RedisServer, VllmServer, sample_sum
-from harness.capgate_server import CapgateServer
-from harness.capgate_server import replicas as two_replicas
-from harness.clients import openai_client
-from harness.ledger import generated, usage_left, wait_for_events
-from harness.policies import key_of, write_policy
-from harness.prom import parse
+
+from tests.harness import RedisServer, VllmServer, sample_sum
+from tests.harness.capgate_server import CapgateServer
+from tests.harness.capgate_server import replicas as two_replicas
+from tests.harness.clients import openai_client
+from tests.harness.ledger import generated, usage_left, wait_for_events
+from tests.harness.policies import key_of, write_policy
+from tests.harness.prom import parse
 
 pytestmark = pytest.mark.integration
 

@@ -25,11 +25,12 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from harness import RedisServer, VllmServer
-from harness.capgate_server import CapgateServer
-from harness.ledger import generated, wait_for_events
-from harness.policies import key_of, write_policy
-from harness.prom import parse, sample_sum
+
+from tests.harness import RedisServer, VllmServer
+from tests.harness.capgate_server import CapgateServer
+from tests.harness.ledger import generated, wait_for_events
+from tests.harness.policies import key_of, write_policy
+from tests.harness.prom import parse, sample_sum
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import redis
 import uvloop
-from harness import RedisServer
-from harness.fault_proxy import FaultProxy
 from redis.asyncio import Redis as AsyncRedis
 
 from metering.meter import Meter, MeterUnavailable, ReserveRequest
 from metering.pipeline import TIMEOUTS_TO_RECONNECT, ReplyError, ScriptConnection
 from metering.windows import Scope
 from policies.schema import Tier
+from tests.harness import RedisServer
+from tests.harness.fault_proxy import FaultProxy
 
 pytestmark = pytest.mark.integration
 

@@ -5,9 +5,9 @@ targets of 0 hold and the stated bounds are respected."""
 from __future__ import annotations
 
 import pytest
-from harness import VllmServer
 
-from bench.soak import FAULTS, soak
+from bench.soak.run import FAULTS, soak
+from tests.harness import VllmServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

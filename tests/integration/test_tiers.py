@@ -33,12 +33,12 @@ import httpx
 import openai
 import pytest
 import yaml
-from harness import ProcessExitedError, RedisServer, VllmServer, free_port, parse, sample_sum
-from harness.capgate_server import CapgateServer
-from harness.clients import openai_client
-from harness.relay_proxy import RelayProxy
 
 from policies.keys import hash_key
+from tests.harness import ProcessExitedError, RedisServer, VllmServer, free_port, parse, sample_sum
+from tests.harness.capgate_server import CapgateServer
+from tests.harness.clients import openai_client
+from tests.harness.relay_proxy import RelayProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

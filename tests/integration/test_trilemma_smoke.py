@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from harness import VllmServer
+
+from tests.harness import VllmServer
 
 REPO = Path(__file__).resolve().parents[2]
 LEASES = [None, 4]

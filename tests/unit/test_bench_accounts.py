@@ -1,11 +1,11 @@
 """The accounts benchmark's bulk load: RESP as Redis reads it, every key written once and linked to
-its user, and the percentiles it reports."""
+its user, and the quantiles every bench program reports."""
 
 import hashlib
 
 import pytest
 
-from bench.accounts import (
+from bench.accounts.scale import (
     PREFIX,
     arguments,
     command,
@@ -13,10 +13,10 @@ from bench.accounts import (
     key_of,
     key_record,
     kid_of,
-    percentile,
     user_commands,
     user_of,
 )
+from bench.common.quantiles import quantile
 
 
 def test_command_is_resp_bulk_strings() -> None:
@@ -67,8 +67,9 @@ def test_users_have_a_record_and_a_place_in_the_users_set() -> None:
     assert written[4][2:] == [x for u in range(4) for x in (b"0", user_of(u, 4).encode())]
 
 
-def test_percentiles_interpolate() -> None:
-    values = [float(v) for v in range(1, 101)]
-    assert percentile(values, 50) == pytest.approx(50.5)
-    assert percentile(values, 99) == pytest.approx(99.01)
-    assert percentile([3.0], 99) == 3.0
+def test_quantiles_interpolate() -> None:
+    values = [float(v) for v in range(100, 0, -1)]
+    assert quantile(values, 0.5) == pytest.approx(50.5)
+    assert quantile(values, 0.99) == pytest.approx(99.01)
+    assert quantile([3.0], 0.99) == 3.0
+    assert quantile([], 0.5) is None

@@ -2,7 +2,7 @@
 
 import pytest
 
-from bench.added import summarize, table
+from bench.added.probe import summarize, table
 
 
 def test_added_figures_are_the_gateway_less_the_direct_path() -> None:

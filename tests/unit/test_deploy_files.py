@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 import yaml
-from harness.prometheus_server import dashboard_panels, dashboard_queries, metric_names
 from prometheus_client import REGISTRY
 
 import proxy.exporter
 import proxy.metrics  # noqa: F401  (registers capgate's metrics)
 from policies.loader import load_policy
 from proxy.settings import load_settings
+from tests.harness.prometheus_server import dashboard_panels, dashboard_queries, metric_names
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

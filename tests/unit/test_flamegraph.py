@@ -2,7 +2,7 @@
 
 import xml.etree.ElementTree as ET
 
-from bench.flamegraph import MIN_SHARE, WIDTH, flame_svg
+from bench.gateway.flamegraph import MIN_SHARE, WIDTH, flame_svg
 
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -1,0 +1,1 @@
+"""`python -m bench.accounts`: what accounts in Redis cost, at a million keys."""

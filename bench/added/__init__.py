@@ -1,0 +1,1 @@
+"""`python -m bench.added`: the latency capgate adds to the real vLLM, request by request."""

@@ -1,0 +1,1 @@
+"""`python -m bench.ledger`: the ledger exporter under load, and what the ledger costs Redis."""

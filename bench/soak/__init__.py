@@ -1,0 +1,1 @@
+"""`python -m bench.soak`: a bounded soak with faults, then an audit."""

@@ -30,13 +30,20 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class TokenPrice(BaseModel):
-    """A per-token price, kept exactly as nano-units of `currency` per token."""
+    """A per-token price, kept exactly as nano-units of `currency` per token.
 
-    model_config = ConfigDict(frozen=True)
+    Written in the policy file as one string, `"<amount> <CUR>/<1K|1M>"` (e.g. `"0.80 USD/1M"`):
+    an amount, a currency code and the number of tokens it buys. The fields below are what
+    capgate reads from that string, not keys of the file."""
+
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     text: str
+    """The price as written in the policy file."""
     nano_per_token: int
+    """The price of one token in nano-units (10^-9) of the currency, an exact integer."""
     currency: str
+    """The currency code, e.g. `USD`; every price and spend cap of a policy uses one currency."""
 
 
 def _read_token_price(value: object) -> object:
@@ -54,17 +61,23 @@ Price = Annotated[
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class Amount(BaseModel):
-    """A sum of money, kept exactly as nano-units of `currency`."""
+    """A sum of money, kept exactly as nano-units of `currency`.
 
-    model_config = ConfigDict(frozen=True)
+    Written in the policy file as one string, `"<amount> <CUR>"` (e.g. `"50 USD"`), exact to one
+    nano-unit. The fields below are what capgate reads from that string, not keys of the file."""
+
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     text: str
+    """The amount as written in the policy file."""
     nano: int
+    """The amount in nano-units (10^-9) of the currency, an exact integer."""
     currency: str
+    """The currency code, e.g. `USD`; every price and spend cap of a policy uses one currency."""
 
 
 def _read_amount(value: object) -> object:
@@ -93,9 +106,14 @@ class Window(_Strict):
     """
 
     per: Period
+    """The window's length: a minute, hour, day, week or month (30 days when rolling)."""
     tokens: Annotated[int, Field(ge=0)] | None = None
+    """The most tokens (of the types the tier's `caps.count` names) a user may use in the window."""
     spend: Money | None = None
+    """The most money a user may spend in the window, at each request's model prices, e.g.
+    `"50 USD"`. A reservation holds the worst case and lowers `max_tokens` to what is left."""
     mode: Literal["calendar", "rolling"] = "calendar"
+    """`calendar` resets at UTC boundaries; `rolling` counts the last window length in 60 buckets."""
 
     @model_validator(mode="after")
     def _caps_something(self) -> "Window":
@@ -124,12 +142,18 @@ class Caps(_Strict):
     """Token caps: per request and per window. `count` says which token types the caps count."""
 
     per_request: Annotated[int, Field(gt=0)] | None = None
+    """The most tokens of the counted types one request may use: a prompt whose bound is over it
+    is refused, and the completion allowance (so vLLM's `max_tokens`) is lowered to what is left."""
     windows: Windows = []
+    """Caps over windows of time, each window (its `per` and `mode`) at most once. A request
+    reserves in all of them at once, atomically."""
     count: list[TokenType] = ["prompt", "completion"]
-    # Shares of a window's cap (0 < share <= 1) at which a user hears that their committed usage
-    # (settled, not held) crossed it: one notification per share per window period, for each of
-    # the tier's windows and the user's team's.
+    """Which token types count against the token caps. Counting `prompt` refuses content that is
+    not text (images, audio, files), whose tokens capgate cannot bound."""
     notify_at: list[Annotated[float, Field(gt=0, le=1)]] = []
+    """Shares of a window's cap (0 < share <= 1) at which a user hears that their committed usage
+    (settled, not held) crossed it: one notification per share per window period, for each of
+    the tier's windows and the user's team's."""
 
     @model_validator(mode="after")
     def _distinct_thresholds(self) -> "Caps":
@@ -145,8 +169,11 @@ class ModelPrices(_Strict):
     that sets its own `prompt` price and no `cached_prompt` has its cached tokens at that price)."""
 
     prompt: Price | None = None
+    """The price of a prompt token, e.g. `"0.20 USD/1M"`."""
     cached_prompt: Price | None = None
+    """The price of a prompt token vLLM served from its prefix cache."""
     completion: Price | None = None
+    """The price of a generated token."""
 
     def defined(self) -> Iterator[TokenPrice]:
         """The prices that are set."""
@@ -158,6 +185,8 @@ class Prices(ModelPrices):
     that differ. `cached_prompt` applies to prompt tokens vLLM served from cache."""
 
     models: dict[str, ModelPrices] = {}
+    """Prices of the models that cost more (or less) to serve, by model name; a token type a
+    model leaves out takes the default above."""
 
     def for_model(self, model: str) -> ModelPrices:
         """The prices of `model`: its own entry over the defaults."""
@@ -181,7 +210,9 @@ class Plan(_Strict):
     """A flat plan price (from the cap-menu optimizer); informational for value reports."""
 
     price: str
+    """The plan's price, an amount and a currency, e.g. `"270.00 USD"`."""
     per: Period
+    """The period the price pays for."""
 
     @model_validator(mode="after")
     def _readable(self) -> "Plan":
@@ -193,15 +224,29 @@ class Tier(_Strict):
     """What a tier may use, how fast, and at what price."""
 
     priority: int = 0
+    """Handed to vLLM's priority scheduler: lower is served first. Clients cannot change it."""
     max_concurrent: Annotated[int, Field(gt=0)] | None = None
+    """The most requests a user of the tier has in flight at once, across all replicas."""
     models: list[str] = ["*"]
+    """The models the tier may use; `*` allows every model."""
     fail_mode: FailMode = "closed"
+    """What happens when Redis fails: `closed` answers 503; `open` serves within `per_request`
+    and spools the usage locally, replayed exactly once when Redis returns."""
     ttft_objective_s: Annotated[float, Field(gt=0)] | None = None
+    """The p99 time to first token admission keeps for this tier: the tiers below it leave it
+    headroom and fill a share of capacity adapted to its measured time to first token."""
     preemptible: bool = False
+    """Whether streams of this tier may be ended to free a slot for a tier with a
+    `ttft_objective_s`."""
     lease_tokens: Annotated[int, Field(gt=0)] | None = None
+    """Reserve streams in leases of this many tokens instead of whole. Unset (the default):
+    whole-request reservations, the only mode whose caps are hard."""
     caps: Caps = Caps()
+    """Token and spend caps, per request and per window."""
     prices: Prices = Prices()
+    """Prices per token type (and per model), for value accounting and spend caps."""
     plan: Plan | None = None
+    """A flat plan price, as the cap-menu optimizer writes it; informational."""
 
     def allows_model(self, model: str) -> bool:
         return "*" in self.models or model in self.models
@@ -215,8 +260,11 @@ class Team(_Strict):
     A team window counts what each member's tier counts."""
 
     id: Annotated[str, Field(pattern=NAME.pattern)]
+    """The team's name, referred to by users' `team`."""
     tier: str | None = None
+    """A tier whose caps' windows the team shares."""
     windows: Windows | None = None
+    """The team's own windows (tokens, spend or both), instead of a tier's."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "Team":
@@ -230,19 +278,29 @@ class User(_Strict):
     hashes."""
 
     id: Annotated[str, Field(pattern=NAME.pattern)]
+    """The user's name, as in the ledger and in `capgate usage`."""
     tier: str | None = None
+    """The user's tier; unset, the policy's `default_tier`."""
     team: str | None = None
+    """A team (of `teams`) whose windows the user shares."""
     keys: list[Annotated[str, Field(pattern=KEY_HASH.pattern)]] = []
+    """The user's API keys as `sha256:<hex>` hashes (`capgate keys new USER --policy-file` prints
+    the line to paste)."""
 
 
 class Policy(_Strict):
     """The whole policy file."""
 
     default_tier: str | None = None
+    """The tier of users that name none (accounts created without a tier included)."""
     admin_keys: list[Annotated[str, Field(pattern=KEY_HASH.pattern)]] = []
+    """Hashes of the keys that may manage accounts, read any user's usage and export the ledger."""
     tiers: dict[Annotated[str, Field(pattern=NAME.pattern)], Tier]
+    """The offer: tiers by name."""
     teams: list[Team] = []
+    """Teams whose members share windows (most teams live in Redis, managed at run time)."""
     users: list[User] = []
+    """Static users (most users live in Redis, managed at run time through the admin API)."""
 
     @property
     def currency(self) -> str:

@@ -31,7 +31,8 @@ from redis.asyncio import Redis
 
 from bench.common.locations import REPO, RESULTS
 from bench.common.upstreams import FakeUpstreamProcess, RealVllm
-from bench.trilemma import cost, report, workload
+from bench.trilemma import report
+from bench.trilemma.cost import CostPlan, Target, measure_cost
 from bench.trilemma.stack import (
     Account,
     Lease,
@@ -40,6 +41,7 @@ from bench.trilemma.stack import (
     gateway,
     lease_label,
 )
+from bench.trilemma.workload import Run, WorkloadPlan, merge, row, run_lease
 from proxy import __version__
 from tests.harness.capgate_server import CapgateServer
 from tests.harness.policies import key_of, write_policy
@@ -83,8 +85,8 @@ NOTES = [
 class Options:
     out: Path
     leases: list[Lease]
-    cost: cost.CostPlan | None
-    workload: workload.WorkloadPlan | None
+    cost: CostPlan | None
+    workload: WorkloadPlan | None
     token_interval_ms: float
     vllm_url: str | None
     plot: bool
@@ -131,7 +133,7 @@ def options_from(args: argparse.Namespace) -> Options:
     leases = args.leases or ([None, 16, 1] if quick else [None, 128, 64, 16, 4, 1])
     cost = None
     if not args.no_cost:
-        cost = cost.CostPlan(
+        cost = CostPlan(
             leases=leases,
             pairs=args.cost_pairs or (4 if quick else 20),
             rounds=args.cost_rounds or (1 if quick else 2),
@@ -140,7 +142,7 @@ def options_from(args: argparse.Namespace) -> Options:
         )
     workload = None
     if not args.no_vllm:
-        workload = workload.WorkloadPlan(
+        workload = WorkloadPlan(
             users=args.users or (2 if quick else 4),
             slots=args.slots or (2 if quick else 3),
             per_slot=args.requests or (3 if quick else 5),
@@ -205,9 +207,9 @@ def run_cost(options: Options, workdir: Path, policy: Path, redis_url: str) -> d
         FakeUpstreamProcess(workdir, options.token_interval_ms) as fake,
         gateway(workdir / "gateway-fake", fake.url, redis_url, policy) as server,
     ):
-        target = cost.Target(server.base_url, _pid(server), fake.url)
+        target = Target(server.base_url, _pid(server), fake.url)
         accounts = {lease: Account(cost_user(lease), key_of(cost_user(lease))) for lease in plan.leases}
-        rows = run_async(lambda http, redis: cost.measure(http, redis, target, accounts, plan), redis_url)
+        rows = run_async(lambda http, redis: measure_cost(http, redis, target, accounts, plan), redis_url)
     return {
         "upstream": "fake",
         "stream_tokens": plan.stream_tokens,
@@ -227,7 +229,7 @@ def run_workload(options: Options, workdir: Path, policy: Path, redis_url: str) 
         RealVllm(workdir, options.vllm_url) as vllm,
         gateway(workdir / "gateway-vllm", vllm.url, redis_url, policy) as server,
     ):
-        runs: dict[Lease, list[workload.Run]] = {lease: [] for lease in options.leases}
+        runs: dict[Lease, list[Run]] = {lease: [] for lease in options.leases}
         for round_ in range(plan.rounds):
             shift = round_ % len(options.leases)
             for lease in options.leases[shift:] + options.leases[:shift]:
@@ -237,12 +239,12 @@ def run_workload(options: Options, workdir: Path, policy: Path, redis_url: str) 
                 async def work(
                     http: httpx.AsyncClient, redis: Redis, accounts: list[Account] = accounts
                 ) -> Any:
-                    return await workload.run_lease(
+                    return await run_lease(
                         http, redis, server.base_url, _pid(server), vllm.url, accounts, plan
                     )
 
                 runs[lease].append(run_async(work, redis_url))
-    rows = [workload.row(lease, plan, workload.merge(runs[lease])) for lease in options.leases]
+    rows = [row(lease, plan, merge(runs[lease])) for lease in options.leases]
     demands = [sum(a.wants for slot in user for a in slot) for user in plan.asks()]
     return {
         "upstream": "vllm",

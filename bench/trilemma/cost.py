@@ -127,7 +127,7 @@ async def _block(
     samples.readings.append((before, after))
 
 
-async def measure(
+async def measure_cost(
     http: httpx.AsyncClient, redis: Redis, target: Target, accounts: dict[Lease, Account], plan: CostPlan
 ) -> list[dict]:
     """Run every block and return one row of figures per lease size."""

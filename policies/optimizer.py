@@ -97,7 +97,7 @@ class MenuProblem:
 
 
 @dataclass(frozen=True, slots=True)
-class Plan:
+class MenuItem:
     """A menu item: up to `cap` tokens per period for `price`."""
 
     cap: float
@@ -205,7 +205,7 @@ def mean_usage(assignments: Sequence[Assignment]) -> float:
     return sum(a.user_type.probability * a.cap for a in assignments)
 
 
-def choose_plan(user_type: UserType, menu: Sequence[Plan], cost_per_token: float) -> Plan | None:
+def choose_plan(user_type: UserType, menu: Sequence[MenuItem], cost_per_token: float) -> MenuItem | None:
     """The plan `user_type` takes from `menu`, None for nothing.
 
     Utilities within a relative 1e-9 of the best count as ties, which go to the seller's most
@@ -213,7 +213,7 @@ def choose_plan(user_type: UserType, menu: Sequence[Plan], cost_per_token: float
     """
     tolerance = _RELATIVE_TOLERANCE * max([1.0, *(plan.price for plan in menu)])
     best_utility = max([0.0, *(user_type.value(plan.cap) - plan.price for plan in menu)])
-    options: list[tuple[float, Plan | None]] = [(0.0, None)] if best_utility <= tolerance else []
+    options: list[tuple[float, MenuItem | None]] = [(0.0, None)] if best_utility <= tolerance else []
     options += [
         (plan.price - cost_per_token * plan.cap, plan)
         for plan in menu
@@ -222,7 +222,7 @@ def choose_plan(user_type: UserType, menu: Sequence[Plan], cost_per_token: float
     return max(options, key=lambda option: option[0])[1]
 
 
-def menu_profit(types: Sequence[UserType], menu: Sequence[Plan], cost_per_token: float) -> float:
+def menu_profit(types: Sequence[UserType], menu: Sequence[MenuItem], cost_per_token: float) -> float:
     """Expected profit per user when every type chooses from `menu` (see `choose_plan`)."""
     profit = 0.0
     for user_type in types:

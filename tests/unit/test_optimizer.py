@@ -14,9 +14,9 @@ from policies.loader import ConfigError
 from policies.menu_report import format_menu_report, menu_to_policy_tiers
 from policies.optimizer import (
     Assignment,
+    MenuItem,
     MenuProblem,
     MenuResult,
-    Plan,
     UserType,
     best_per_token_price,
     best_single_plan,
@@ -117,16 +117,16 @@ def brute_force(problem: MenuProblem, steps: int = 6) -> tuple[float, tuple[floa
     return best
 
 
-def brute_force_menu(problem: MenuProblem) -> list[Plan]:
+def brute_force_menu(problem: MenuProblem) -> list[MenuItem]:
     """The plans of the `brute_force` allocation, priced by `greatest_prices`."""
     caps = brute_force(problem)[1]
     prices = greatest_prices(problem.types, caps)
     assert prices is not None
-    return [Plan(cap, prices[cap]) for cap in set(caps) - {0.0}]
+    return [MenuItem(cap, prices[cap]) for cap in set(caps) - {0.0}]
 
 
-def plans(assignments: Sequence[Assignment]) -> list[Plan]:
-    return [Plan(a.cap, a.price) for a in assignments if not a.excluded]
+def plans(assignments: Sequence[Assignment]) -> list[MenuItem]:
+    return [MenuItem(a.cap, a.price) for a in assignments if not a.excluded]
 
 
 def single_crossing_problem(rng: random.Random, count: int, limit_share: float | None = None) -> MenuProblem:

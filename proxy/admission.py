@@ -42,7 +42,7 @@ from proxy import background, metrics
 from proxy.errors import rate_limited
 from proxy.fair_queue import FairQueue
 from proxy.headroom import HeadroomControl
-from proxy.settings import Admission as AdmissionSettings
+from proxy.settings import AdmissionSettings
 from proxy.upstream import UpstreamPool, UpstreamState
 
 log = logging.getLogger("capgate.admission")

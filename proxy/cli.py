@@ -167,10 +167,12 @@ def _usage(args: argparse.Namespace) -> int:
     from metering.usage import user_usage
     from proxy.directory import Directory
     from proxy.errors import APIError
-    from proxy.settings import Accounts
+    from proxy.settings import AccountSettings
 
     async def report(service: Any) -> dict:
-        principal = await Directory(service.store, service.index, Accounts()).principal_for_user(args.user)
+        principal = await Directory(service.store, service.index, AccountSettings()).principal_for_user(
+            args.user
+        )
         if principal is None:
             raise APIError(404, f"no user {args.user!r}")
         return await user_usage(service.store.redis, principal, service.index().policy.currency)

@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar
 from metering.accounts import AccountStore, KeyRecord, TeamRecord, UserRecord
 from policies.index import PolicyIndex, Principal
 from policies.keys import hash_key
-from proxy.settings import Accounts
+from proxy.settings import AccountSettings
 
 log = logging.getLogger("capgate.accounts")
 
@@ -107,7 +107,7 @@ class Directory:
         self,
         store: AccountStore,
         index: Callable[[], PolicyIndex],
-        settings: Accounts,
+        settings: AccountSettings,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store

@@ -14,8 +14,14 @@ from metering.export.http import HttpSink
 from metering.export.jsonl import JsonlSink
 from metering.export.postgres import PostgresSink
 from metering.export.sink import Sink
-from proxy import settings as config
 from proxy.app import redis_client
+from proxy.settings import (
+    ExporterSettings,
+    JsonlSinkSettings,
+    PostgresSinkSettings,
+    Settings,
+    WebhookSettings,
+)
 
 log = logging.getLogger("capgate.export")
 EXPORTED = Counter(
@@ -32,17 +38,17 @@ NOTICES = Counter("capgate_notifications_sent_total", "Threshold notifications t
 MAX_BACKLOG = Gauge("capgate_ledger_backlog_max_events", "exporter.max_backlog: the backlog alert's bound")
 
 
-def build_sink(settings: config.Exporter, instance: str) -> Sink:
+def build_sink(settings: ExporterSettings, instance: str) -> Sink:
     """The sink `settings.sink` describes."""
     sink = settings.sink
-    if isinstance(sink, config.PostgresSink):
+    if isinstance(sink, PostgresSinkSettings):
         return PostgresSink(sink.dsn)
-    if isinstance(sink, config.JsonlSink):
+    if isinstance(sink, JsonlSinkSettings):
         return JsonlSink(Path(sink.dir), instance, sink.rotate_bytes, sink.rotate_hourly)
     return webhook_sink(sink, instance)
 
 
-def webhook_sink(webhook: config.Webhook, instance: str) -> HttpSink:
+def webhook_sink(webhook: WebhookSettings, instance: str) -> HttpSink:
     """The HTTP sink POSTing to `webhook`, journaling as `instance`."""
     return HttpSink(
         webhook.url,
@@ -66,7 +72,7 @@ def _observe(result: PassResult) -> None:
     OLDEST.set(age_s(result.oldest_ms))
 
 
-async def run_exporter(settings: config.Settings) -> None:
+async def run_exporter(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT: the ledger's exporter and, with `exporter.notify`, the
     notifications'. The instance name is the shard's, so that a restarted exporter finds its own
     journal (one process per shard: the lock in Redis keeps it so)."""

@@ -24,7 +24,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
-class Upstream(_Section):
+class UpstreamSettings(_Section):
     """One vLLM OpenAI-compatible server."""
 
     url: Annotated[str, Field(pattern=r"^https?://")]
@@ -40,7 +40,7 @@ class Upstream(_Section):
         return self.name or self.url
 
 
-class Timeouts(_Section):
+class TimeoutSettings(_Section):
     """Seconds. `read_s` bounds the wait for the upstream's answer and then for each chunk of it, not
     the whole stream (a request is written in one call, so a stalled upstream is caught by it too)."""
 
@@ -52,7 +52,7 @@ class Timeouts(_Section):
     """One Redis call; a slower one counts as Redis failing, and the tier's `fail_mode` applies."""
 
 
-class Admission(_Section):
+class AdmissionSettings(_Section):
     """Capacity-aware admission: slots counted across replicas in Redis, headroom kept for tiers
     with a `ttft_objective_s` and adapted to it, vLLM's own `/metrics` as a second signal."""
 
@@ -94,7 +94,7 @@ class Admission(_Section):
     slots alone; until then held tiers wait, so a stall of Redis cannot overfill an upstream."""
 
 
-class Accounts(_Section):
+class AccountSettings(_Section):
     """Accounts created through the admin API, kept in Redis and cached by each process."""
 
     cache_size: Annotated[int, Field(gt=0)] = 100_000
@@ -105,7 +105,7 @@ class Accounts(_Section):
     """How often the time each key was last used is written to Redis."""
 
 
-class PostgresSink(_Section):
+class PostgresSinkSettings(_Section):
     """Rows in PostgreSQL's `usage_events` (created when missing), one per request."""
 
     kind: Literal["postgres"]
@@ -114,7 +114,7 @@ class PostgresSink(_Section):
     """The PostgreSQL connection string."""
 
 
-class JsonlSink(_Section):
+class JsonlSinkSettings(_Section):
     """JSON Lines files in `dir`, one per instance at a time, rotated by size and by the hour."""
 
     kind: Literal["jsonl"]
@@ -127,7 +127,7 @@ class JsonlSink(_Section):
     """Also start a new file every hour."""
 
 
-class Webhook(_Section):
+class WebhookSettings(_Section):
     """An HTTP receiver of batched CloudEvents, signed with `secret` (HMAC-SHA256), retried with
     backoff until taken: the HTTP sink of the ledger, and `exporter.notify`."""
 
@@ -145,21 +145,21 @@ class Webhook(_Section):
     """Where the last batch delivered is journaled, so that a crash does not send it again."""
 
 
-class HttpSink(Webhook):
+class HttpSinkSettings(WebhookSettings):
     """The ledger POSTed to a webhook."""
 
     kind: Literal["http"]
     """Selects this sink."""
 
 
-class Exporter(_Section):
+class ExporterSettings(_Section):
     """`capgate exporter`: the ledger moved from Redis into a sink exactly once, then trimmed."""
 
-    sink: Annotated[PostgresSink | JsonlSink | HttpSink, Field(discriminator="kind")] = JsonlSink(
-        kind="jsonl"
-    )
+    sink: Annotated[
+        PostgresSinkSettings | JsonlSinkSettings | HttpSinkSettings, Field(discriminator="kind")
+    ] = JsonlSinkSettings(kind="jsonl")
     """Where the ledger goes, picked by `kind`: `postgres`, `jsonl` or `http`."""
-    notify: Webhook | None = None
+    notify: WebhookSettings | None = None
     """Where threshold notifications (a tier's `caps.notify_at`) are POSTed."""
     shard: Annotated[int, Field(ge=0)] = 0
     """Several instances split the users' streams: each runs with its own `shard` of `shards`."""
@@ -179,7 +179,7 @@ class Exporter(_Section):
     """The port of the exporter's Prometheus endpoint."""
 
     @model_validator(mode="after")
-    def _shard_in_range(self) -> "Exporter":
+    def _shard_in_range(self) -> "ExporterSettings":
         if self.shard >= self.shards:
             raise ValueError(f"shard {self.shard} is not below shards ({self.shards})")
         return self
@@ -194,7 +194,9 @@ class Settings(_Section):
     """The port the gateway listens on."""
     workers: Annotated[int, Field(ge=1)] = 1
     """uvicorn worker processes; their metrics are merged."""
-    upstreams: Annotated[list[Upstream], Field(min_length=1)] = [Upstream(url="http://127.0.0.1:8001")]
+    upstreams: Annotated[list[UpstreamSettings], Field(min_length=1)] = [
+        UpstreamSettings(url="http://127.0.0.1:8001")
+    ]
     """The vLLM servers, each on its own address (`CAPGATE_UPSTREAMS`: comma-separated URLs)."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     """`redis://`, `rediss://` (TLS) or `unix://`; on a cluster, any one node."""
@@ -227,13 +229,13 @@ class Settings(_Section):
     served is spooled past it."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """The log level."""
-    timeouts: Timeouts = Timeouts()
+    timeouts: TimeoutSettings = TimeoutSettings()
     """Timeouts, in seconds."""
-    admission: Admission = Admission()
+    admission: AdmissionSettings = AdmissionSettings()
     """Capacity-aware admission."""
-    accounts: Accounts = Accounts()
+    accounts: AccountSettings = AccountSettings()
     """Accounts kept in Redis and their cache."""
-    exporter: Exporter = Exporter()
+    exporter: ExporterSettings = ExporterSettings()
     """`capgate exporter`: the ledger moved into a sink."""
 
 

@@ -23,7 +23,7 @@ import httpx
 
 from metering.prompt import TemplateOverhead
 from proxy import background
-from proxy.settings import Settings, Upstream
+from proxy.settings import Settings, UpstreamSettings
 
 log = logging.getLogger("capgate.upstream")
 
@@ -52,7 +52,7 @@ class Load:
 class UpstreamState:
     """What is known of one upstream."""
 
-    upstream: Upstream
+    upstream: UpstreamSettings
     models: dict[str, int] = field(default_factory=dict)
     cards: dict[str, dict] = field(default_factory=dict)  # model id -> its card, as vLLM lists it
     overheads: dict[str, TemplateOverhead] = field(default_factory=dict)

@@ -54,3 +54,8 @@ users_unbalanced
 leased_over_cap
 rows_without_client_id
 
+
+# MkDocs calls the hooks of docs/hooks/ by name.
+on_pre_build
+on_page_markdown
+on_post_build

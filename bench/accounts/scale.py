@@ -69,7 +69,7 @@ from policies.loader import load_policy
 from proxy import background
 from proxy.app import redis_client
 from proxy.directory import Directory
-from proxy.settings import Accounts, Settings
+from proxy.settings import AccountSettings, Settings
 from tests.harness.processes import ManagedProcess, free_port
 from tests.harness.redis_server import RedisServer
 
@@ -278,11 +278,11 @@ def policy_index() -> PolicyIndex:
     return PolicyIndex(load_policy(json.dumps(policy_document()), "bench-accounts-policy"))
 
 
-def settings_for(url: str, cache_size: int = Accounts().cache_size) -> Settings:
-    return Settings(redis_url=url, policy_file="unused", accounts=Accounts(cache_size=cache_size))
+def settings_for(url: str, cache_size: int = AccountSettings().cache_size) -> Settings:
+    return Settings(redis_url=url, policy_file="unused", accounts=AccountSettings(cache_size=cache_size))
 
 
-def directory_for(url: str, index: PolicyIndex, cache_size: int = Accounts().cache_size) -> Directory:
+def directory_for(url: str, index: PolicyIndex, cache_size: int = AccountSettings().cache_size) -> Directory:
     """A `Directory` over its own Redis client, built as the app builds it."""
     settings = settings_for(url, cache_size)
     return Directory(AccountStore(redis_client(settings)), lambda: index, settings.accounts)
@@ -572,7 +572,7 @@ async def sync_loop(directory: Directory, interval: float, offset: float) -> Non
 
 async def revocation_figures(url: str, keys: int, users: int, trials: int) -> dict[str, Any]:
     index = policy_index()
-    interval = Accounts().sync_interval_s
+    interval = AccountSettings().sync_interval_s
     directories = [directory_for(url, index) for _ in range(2)]
     admin = AccountStore(redis_client(settings_for(url)))
     loops = [asyncio.create_task(sync_loop(d, interval, n * interval / 2)) for n, d in enumerate(directories)]

@@ -97,7 +97,7 @@ class Report:
     rows_twice: int = 0
     generated_twice: int = 0
     hostile_not_refused: int = 0  # answered, and not with a 400 (None: the replica was down)
-    server_errors_outside_faults: int = 0  # reported, not a target: see the README
+    server_errors_outside_faults: int = 0  # reported, not a target: see docs/reliability.md
     server_errors_outside_faults_by_status: dict[str, int] = field(default_factory=dict)
     users_unbalanced: int = 0
     billed_completion: int = 0

@@ -18,7 +18,8 @@ GATEWAY_SETTINGS: dict[str, Any] = {
     "log_level": "warning",
     "reap_interval_s": 5.0,
     # vLLM, Redis, the gateway and the load share the machine's cores: a Redis call can outlast the
-    # default 0.5 s with no fault at all (README, the soak), and a fail-closed tier would answer 503.
+    # default 0.5 s with no fault at all (docs/reliability.md, the soak), and a fail-closed tier
+    # would answer 503.
     "timeouts": {"redis_s": 2.0},
 }
 

@@ -1,7 +1,7 @@
 """Faults injected between capgate and its dependencies, against the real gateway, Redis and
 vLLM: Redis blackholed or answering errors, vLLM's link reset or blackholed mid-stream, leases
 outliving their TTL, a replica SIGKILLed mid-stream. Invariants checked in each: one ledger row
-per request, billed equal to what vLLM generated (or within the bound the README states),
+per request, billed equal to what vLLM generated (or within the bound docs/metering.md states),
 nothing generated twice, the tier's fail mode followed."""
 
 from __future__ import annotations
@@ -302,7 +302,7 @@ def test_a_replica_sigkilled_mid_stream_is_reaped_once_by_another(
 ) -> None:
     """Replica A is SIGKILLed while it streams; replica B's reaper returns A's reservation after
     the lease TTL, charging what A last recorded: one ledger row (`expired`), nothing held, and
-    no more billed than vLLM generated (the README's bound: what A saw after its last refresh)."""
+    no more billed than vLLM generated (docs/metering.md's bound: what A saw after its last refresh)."""
     with RelayProxy(vllm_server.base_url, bytes_per_s=3000) as slow:
         settings = {"lease_ttl_s": 3.0, "reap_interval_s": 0.5}
         a = start_gateway(upstreams=[slow.base_url], policy=policy, settings=settings)

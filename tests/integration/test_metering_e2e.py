@@ -31,7 +31,7 @@ pytestmark = pytest.mark.integration
 # vLLM reports nothing for the tokens it generates between the proxy closing a stream (cut or
 # hang-up) and the engine processing the abort. With an idle proxy that is 0 in most aborts and at
 # most 2 tokens; when a lease refusal cuts a stream while the proxy is short of CPU,
-# vLLM runs further ahead before it sees the cut, bounded here by one lease (see README).
+# vLLM runs further ahead before it sees the cut, bounded here by one lease (docs/metering.md).
 # 100 streams arrive at once on a 2-core machine that also runs vLLM: give Redis calls more than the
 # production default of 0.5 s before they count as an outage (the outage test keeps the default).
 BURST_SETTINGS = {"timeouts": {"redis_s": 5.0}}

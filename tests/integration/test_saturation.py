@@ -44,8 +44,8 @@ OBJECTIVE_S = 1.0
 PREEMPT_OBJECTIVE_S = 2.0
 # How long vLLM may take, after capgate closes a stream, to process the abort: the tokens it
 # generates meanwhile are in vllm:generation_tokens_total but never reported for the request
-# (README, "What is not exact"); a few on an idle machine, over a second's worth when its cores are
-# shared with the load.
+# (docs/metering.md, "What is exact, and what is bounded"); a few on an idle machine, over a
+# second's worth when its cores are shared with the load.
 ABORT_LAG_S = 2.0
 RUN = uuid.uuid4().hex[:8]  # user ids unique to this run: Redis outlives a single test
 

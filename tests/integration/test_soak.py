@@ -1,4 +1,4 @@
-"""A short run of the soak (`python -m bench.soak`, README: reliability) as part of the suite:
+"""A short run of the soak (`python -m bench.soak`, docs/reliability.md) as part of the suite:
 every fault kind injected at least once under mixed load over two replicas, then the audit's
 targets of 0 hold and the stated bounds are respected."""
 

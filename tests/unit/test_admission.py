@@ -17,8 +17,7 @@ from metering.meter import MeterUnavailable, SlotTurn
 from policies.schema import Tier
 from proxy.admission import UNLIMITED, Admission, Ticket
 from proxy.errors import APIError
-from proxy.settings import Admission as AdmissionSettings
-from proxy.settings import Upstream
+from proxy.settings import AdmissionSettings, UpstreamSettings
 from proxy.upstream import Load, UpstreamState
 
 MODEL = "tiny"
@@ -119,7 +118,9 @@ class SlotMeter:
 def pool_of(upstreams: int = 1, slots: int | None = None) -> StubPool:
     states = [
         UpstreamState(
-            Upstream(url=f"http://127.0.0.1:{9000 + i}", slots=slots), models={MODEL: 1024}, healthy=True
+            UpstreamSettings(url=f"http://127.0.0.1:{9000 + i}", slots=slots),
+            models={MODEL: 1024},
+            healthy=True,
         )
         for i in range(upstreams)
     ]

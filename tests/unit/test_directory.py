@@ -14,7 +14,7 @@ from policies.keys import hash_key
 from policies.loader import load_policy
 from policies.schema import Window
 from proxy.directory import _ABSENT, LRU, TOUCH_BATCH, AccountUnusable, Directory
-from proxy.settings import Accounts
+from proxy.settings import AccountSettings
 
 FILE_KEY = "cg-file-alice"
 POLICY = f"""\
@@ -117,7 +117,7 @@ class Clock:
 
 def directory(store: FakeStore, cache_size: int = 100, clock: Clock | None = None) -> Directory:
     """A directory following the store's changes, as the app starts it before serving."""
-    made = Directory(store, lambda: INDEX, Accounts(cache_size=cache_size), clock or Clock())  # type: ignore[arg-type]
+    made = Directory(store, lambda: INDEX, AccountSettings(cache_size=cache_size), clock or Clock())  # type: ignore[arg-type]
     run(made.start())
     return made
 
@@ -473,7 +473,7 @@ def test_user_without_tier_needs_a_default_tier() -> None:
     store = FakeStore()
     store.add_user("bob", None)
     store.add_key("cg-bob", "bob")
-    d = Directory(store, lambda: index, Accounts(cache_size=10), Clock())  # type: ignore[arg-type]
+    d = Directory(store, lambda: index, AccountSettings(cache_size=10), Clock())  # type: ignore[arg-type]
     with pytest.raises(AccountUnusable, match="has tier None"):
         run(d.principal_for_key("cg-bob"))
 
@@ -566,7 +566,7 @@ def test_nothing_is_cached_before_the_changes_are_followed() -> None:
     store = FakeStore()
     store.add_user("bob")
     store.add_key("cg-bob", "bob")
-    d = Directory(store, lambda: INDEX, Accounts(), Clock())  # type: ignore[arg-type]
+    d = Directory(store, lambda: INDEX, AccountSettings(), Clock())  # type: ignore[arg-type]
     run(d.principal_for_key("cg-bob"))
     run(d.principal_for_key("cg-bob"))
     assert store.calls["key"] == 2

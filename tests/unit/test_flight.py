@@ -7,7 +7,7 @@ from policies.index import Principal
 from policies.schema import Tier
 from proxy.flight import Flight, Outcome, outcome_of, usage_event
 from proxy.openai.protocol import parse_request
-from proxy.settings import Upstream
+from proxy.settings import UpstreamSettings
 from proxy.upstream import UpstreamState
 
 TIER = Tier.model_validate(
@@ -19,7 +19,7 @@ def flight() -> Flight:
     request = parse_request("chat", b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}]}')
     plan = BudgetPlan(10, 100, 100, 1, False)
     made = Flight("r1", Principal("u", "t", TIER), request, "/v1/chat/completions", 0.0, plan,
-                  UpstreamState(Upstream(url="http://127.0.0.1:1")))  # fmt: skip
+                  UpstreamState(UpstreamSettings(url="http://127.0.0.1:1")))  # fmt: skip
     made.tally.open_choices = {0}
     return made
 

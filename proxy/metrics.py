@@ -95,7 +95,7 @@ ADMISSION_SHED = Counter(
 )
 ADMISSION_DEGRADED = Gauge(
     "capgate_admission_degraded",
-    "1 while vLLM's load is unknown and admission forwards everything.",
+    "1 while vLLM's load is unknown: only the slot counts hold lower tiers back.",
     multiprocess_mode="max",
 )
 ADMISSION_SHARE = Gauge(

@@ -40,7 +40,7 @@ def split_usage(payload: bytes) -> tuple[dict | None, bytes]:
     quote inside generated text is escaped and never matches). Usage holds numbers, nulls and
     objects of those, so its end is the brace that balances its first: only those bytes are
     parsed (by orjson). Were a string with a brace ever in it, that cut is not valid JSON, and
-    the whole rest of the chunk is decoded instead (`bench/relay_parse.py` compares the two).
+    the whole rest of the chunk is decoded instead (`python -m bench.gateway.relay_parse` compares the two).
     """
     start = payload.rfind(_USAGE)
     if start < 0:
@@ -61,7 +61,7 @@ def split_usage(payload: bytes) -> tuple[dict | None, bytes]:
 
 def split_usage_decoding(payload: bytes) -> tuple[dict | None, bytes]:
     """`split_usage` by decoding everything after `,"usage":` with the standard library (the
-    fallback, and the baseline of `bench/relay_parse.py`)."""
+    fallback, and the baseline of `python -m bench.gateway.relay_parse`)."""
     start = payload.rfind(_USAGE)
     if start < 0:
         return None, payload

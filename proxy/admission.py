@@ -140,7 +140,7 @@ class Admission:
             self._degraded = degraded
             metrics.ADMISSION_DEGRADED.set(int(degraded))
             if degraded:
-                log.warning("vLLM load unknown (metrics stale or missing): admission forwards all within slot counts")
+                log.warning("vLLM load unknown (no fresh metrics): admission forwards all within slots")
             else:
                 log.info("vLLM load known again: load-aware admission resumed")
 

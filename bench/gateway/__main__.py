@@ -38,6 +38,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of capgate")
     p.add_argument("--gateway-core", default="1", help="core for the gateways (taskset list)")
     p.add_argument("--load-core", default="0", help="core for the load generator and fake upstream")
+    p.add_argument("--capgate-workers", type=int, default=1, help="capgate's uvicorn workers (%(default)s)")
     p.add_argument("--note", action="append", default=[], help="a note to print in the report")
     return p
 
@@ -63,6 +64,7 @@ def options_from(args: argparse.Namespace) -> Options:
         profile=not (args.no_profile or quick),
         gateway_core=args.gateway_core,
         load_core=args.load_core,
+        capgate_workers=args.capgate_workers,
         notes=args.note,
     )
 

@@ -165,13 +165,14 @@ class NginxPath(GatewayPath):
 
 
 class CapgatePath(GatewayPath):
-    """`capgate serve` (one worker) with full metering over its own `redis-server`, both pinned to
-    the gateway core."""
+    """`capgate serve` (one uvicorn worker unless `workers` says more) with full metering over its
+    own `redis-server`, all pinned to the gateway cores."""
 
     name = "capgate"
 
-    def __init__(self, workdir: Path, upstream_url: str, core: str) -> None:
+    def __init__(self, workdir: Path, upstream_url: str, core: str, workers: int = 1) -> None:
         super().__init__(workdir, upstream_url, core)
+        self.workers = workers
         self.users = write_policy(workdir / "policy.yaml")
         self.redis = RedisServer(data_dir=workdir / "redis")
         self.redis_pid: int | None = None
@@ -195,6 +196,7 @@ class CapgatePath(GatewayPath):
             "policy_file": str(self.workdir / "policy.yaml"),
             "spool_dir": str(self.workdir / "spool"),
             "log_level": "warning",
+            "workers": self.workers,
         }
         config = self.workdir / "capgate.yaml"
         config.write_text(yaml.safe_dump(settings))

@@ -54,6 +54,7 @@ class Options:
     profile: bool = True
     gateway_core: str = "1"
     load_core: str = "0"
+    capgate_workers: int = 1
     notes: list[str] = field(default_factory=list)
 
 
@@ -61,7 +62,7 @@ def _paths(options: Options, workdir: Path, host: str, port: int, url: str) -> l
     paths: list[GatewayPath] = [
         DirectPath(host, port, users()),
         NginxPath(workdir / "nginx", url, options.gateway_core, users()),
-        CapgatePath(workdir / "capgate", url, options.gateway_core),
+        CapgatePath(workdir / "capgate", url, options.gateway_core, options.capgate_workers),
     ]
     if options.litellm:
         paths.append(LitellmPath(workdir / "litellm", url, options.gateway_core, MODEL, tools.litellm_venv()))

@@ -8,7 +8,7 @@ comma-separated list of base URLs. `CAPGATE_*` variables that name no setting (t
 """
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -237,6 +237,12 @@ class Settings(_Section):
     """Accounts kept in Redis and their cache."""
     exporter: ExporterSettings = ExporterSettings()
     """`capgate exporter`: the ledger moved into a sink."""
+
+
+def env_variable(path: Sequence[str]) -> str:
+    """The environment variable that sets the setting at `path`: (`timeouts`, `read_s`) is
+    `CAPGATE_TIMEOUTS__READ_S`. `_env_overlay` reads the names back."""
+    return ENV_PREFIX + "__".join(path).upper()
 
 
 def _env_overlay(env: Mapping[str, str]) -> dict[str, Any]:

@@ -6,7 +6,8 @@ field's docstring, read by pydantic's `use_attribute_docstrings`), one section p
 from the root model.
 
     <!-- policy-reference -->    policies.schema.Policy
-    <!-- settings-reference -->  proxy.settings.Settings (with each field's environment variable)
+    <!-- settings-reference -->  proxy.settings.Settings (with each field's environment variable,
+                                 named by proxy.settings.env_variable)
 
 `reference_markdown` is pure (no I/O); the hook functions only find the markers and import the
 models. Sections are third-level headings: put a marker under a second-level one. The build
@@ -19,7 +20,7 @@ import json
 import sys
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -28,11 +29,14 @@ import annotated_types
 from pydantic import BaseModel, PlainSerializer
 from pydantic.fields import FieldInfo
 
-# marker line -> (module, root model, environment variable prefix or None)
+# marker line -> (module, root model, the module's function naming a setting's environment
+# variable, or None)
 MARKERS: dict[str, tuple[str, str, str | None]] = {
     "<!-- policy-reference -->": ("policies.schema", "Policy", None),
-    "<!-- settings-reference -->": ("proxy.settings", "Settings", "CAPGATE_"),
+    "<!-- settings-reference -->": ("proxy.settings", "Settings", "env_variable"),
 }
+
+EnvVariable = Callable[[Sequence[str]], str]
 
 _SCALARS = {str: "string", int: "integer", float: "number", bool: "boolean", type(None): "null"}
 
@@ -216,18 +220,20 @@ def _cell(text: str) -> str:
     return "`".join(part if i % 2 else part.replace("|", "\\|") for i, part in enumerate(parts))
 
 
-def _env_name(prefix: str, path: str, key: str) -> str | None:
+def _env_name(env_variable: EnvVariable, path: str, key: str) -> str | None:
+    """The variable of the key at `path`, or None under a list item or a map value (which no
+    variable reaches)."""
     parts = [*path.split("."), key] if path else [key]
     if any("[" in part or "<" in part for part in parts):
         return None
-    return prefix + "__".join(parts).upper()
+    return env_variable(parts)
 
 
-def reference_markdown(root: type[BaseModel], level: int = 2, env_prefix: str | None = None) -> str:
+def reference_markdown(root: type[BaseModel], level: int = 2, env_variable: EnvVariable | None = None) -> str:
     """The reference of `root` and every model reachable from it, one section each: where the
     model sits, its docstring, and a table of its fields (key, type, default, constraints,
-    description). With `env_prefix`, each key of a model at one fixed path is given the
-    environment variable that sets it (`<prefix><SECTION>__<FIELD>`)."""
+    description). With `env_variable`, each key of a model at one fixed path is given the
+    environment variable that sets it, as `env_variable` names it."""
     hashes = "#" * level
     out: list[str] = []
     for section in _sections(root):
@@ -251,8 +257,8 @@ def reference_markdown(root: type[BaseModel], level: int = 2, env_prefix: str | 
             # a section's own keys have their variables; a whole section is set key by key
             section_field = any(not suffix for _, suffix, _ in _nested(annotation))
             keyed = fixed_path is not None and not section.as_text and not section_field
-            if env_prefix is not None and keyed:
-                env = _env_name(env_prefix, fixed_path, key)
+            if env_variable is not None and keyed:
+                env = _env_name(env_variable, fixed_path, key)
                 if env is not None:
                     key_cell += f"<br>`{env}`"
             bounds = constraints(annotation)
@@ -275,11 +281,11 @@ def reference_markdown(root: type[BaseModel], level: int = 2, env_prefix: str | 
 _replaced: set[str] = set()
 
 
-def _import_root(module: str, name: str) -> type[BaseModel]:
+def _import(module: str) -> types.ModuleType:
     root = str(Path(__file__).resolve().parents[2])
     if root not in sys.path:
         sys.path.insert(0, root)
-    return getattr(importlib.import_module(module), name)
+    return importlib.import_module(module)
 
 
 def on_pre_build(config: Any, **kwargs: Any) -> None:
@@ -291,8 +297,10 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any, **kwargs
     for i, line in enumerate(lines):
         target = MARKERS.get(line.strip())
         if target is not None:
-            module, name, env_prefix = target
-            lines[i] = reference_markdown(_import_root(module, name), 3, env_prefix)
+            module_name, name, env_function = target
+            module = _import(module_name)
+            env_variable = getattr(module, env_function) if env_function else None
+            lines[i] = reference_markdown(getattr(module, name), 3, env_variable)
             _replaced.add(line.strip())
     return "\n".join(lines)
 

@@ -13,7 +13,7 @@ from types import ModuleType
 from pydantic import BaseModel
 
 from policies.schema import Policy
-from proxy.settings import Settings
+from proxy.settings import Settings, env_variable, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,10 +72,15 @@ def test_the_policy_reference_lists_every_field_of_every_model() -> None:
 
 
 def test_the_settings_reference_lists_every_field_of_every_model() -> None:
-    markdown = _hook().reference_markdown(Settings, 3, "CAPGATE_")
+    markdown = _hook().reference_markdown(Settings, 3, env_variable)
     _assert_every_field_listed(Settings, markdown)
     assert "`CAPGATE_TIMEOUTS__READ_S`" in markdown
     assert "`CAPGATE_EXPORTER__SINK__DSN`" in markdown
+
+
+def test_the_variable_a_reference_names_is_the_one_the_settings_read() -> None:
+    settings = load_settings(env={env_variable(["timeouts", "read_s"]): "7.5"})
+    assert settings.timeouts.read_s == 7.5
 
 
 def test_the_docs_build_strictly(tmp_path: Path) -> None:

@@ -20,7 +20,6 @@ import asyncio
 import json
 import math
 import random
-import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -127,6 +126,11 @@ async def workload(base_url: str, args: argparse.Namespace) -> tuple[Tally, Tall
         return top, low, time.monotonic() - started
 
 
+def _ms(seconds: float | None) -> float:
+    """Seconds as milliseconds to 0.1 ms; NaN when nothing was measured."""
+    return math.nan if seconds is None else round(seconds * 1000, 1)
+
+
 def measure(headroom: int, vllm_url: str, redis: RedisServer, workdir: Path, args: argparse.Namespace) -> Row:
     tiers = {
         "top": {"priority": 0, "ttft_objective_s": args.objective},
@@ -152,8 +156,8 @@ def measure(headroom: int, vllm_url: str, redis: RedisServer, workdir: Path, arg
     return Row(
         headroom=headroom,
         top_requests=top.sent,
-        top_ttft_p50_ms=round(statistics.median(top.ttfts) * 1000, 1) if top.ttfts else float("nan"),
-        top_ttft_p99_ms=round((quantile(top.ttfts, 0.99) or math.nan) * 1000, 1),
+        top_ttft_p50_ms=_ms(quantile(top.ttfts, 0.5)),
+        top_ttft_p99_ms=_ms(quantile(top.ttfts, 0.99)),
         top_missed=sum(t > args.objective for t in top.ttfts) + top.shed + top.failed,
         top_shed=top.shed,
         low_tokens_per_s=round(low.tokens / elapsed, 1),

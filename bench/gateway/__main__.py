@@ -14,6 +14,13 @@ def _ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
 
 
+def _workers(text: str) -> int:
+    count = int(text)
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"at least 1 worker, not {count}")
+    return count
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.gateway", description=__doc__)
     p.add_argument("--out", type=Path, default=RESULTS, help="output directory (default: bench/results)")
@@ -38,7 +45,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of capgate")
     p.add_argument("--gateway-core", default="1", help="core for the gateways (taskset list)")
     p.add_argument("--load-core", default="0", help="core for the load generator and fake upstream")
-    p.add_argument("--capgate-workers", type=int, default=1, help="capgate's uvicorn workers (%(default)s)")
+    p.add_argument(
+        "--capgate-workers", type=_workers, default=1, help="capgate's uvicorn workers (%(default)s)"
+    )
     p.add_argument("--note", action="append", default=[], help="a note to print in the report")
     return p
 
